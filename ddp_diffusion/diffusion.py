@@ -1,0 +1,121 @@
+"""The only door to torchmultimodal.diffusion_labs: schedule, predictor, CFG, losses, samplers.
+
+torchmultimodal-nightly is unmaintained, so every import of it lives here; replacing it means
+rewriting this module alone.
+
+Classifier-free guidance convention (torchmultimodal's CFGuidance): the guided prediction is
+``(1 + g) * cond - g * uncond``, so ``g = 0`` means *no* guidance (plain conditional sampling),
+and the code-along's ``g = 2`` weighs the conditional prediction three times.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torchmultimodal.diffusion_labs.modules.adapters.cfguidance import CFGuidance
+from torchmultimodal.diffusion_labs.modules.losses.diffusion_hybrid_loss import (
+    DiffusionHybridLoss,
+)
+from torchmultimodal.diffusion_labs.predictors.noise_predictor import NoisePredictor
+from torchmultimodal.diffusion_labs.samplers.ddim import DDIModule
+from torchmultimodal.diffusion_labs.samplers.ddpm import DDPModule
+from torchmultimodal.diffusion_labs.schedules.discrete_gaussian_schedule import (
+    DiscreteGaussianSchedule,
+    cosine_beta_schedule,
+    linear_beta_schedule,
+)
+from torchmultimodal.diffusion_labs.utils.common import DiffusionOutput
+
+from ddp_diffusion.config import DiffusionConfig
+
+__all__ = ["COND_KEY", "ConditionalDenoiser", "Diffusion", "DiffusionOutput"]
+
+COND_KEY = "context"  # the conditional-input name the networks read, as in the code-along
+
+
+def clamp_unit(x: Tensor) -> Tensor:
+    """Clamp predicted x0 to the data range [-1, 1]."""
+    return x.clamp(-1.0, 1.0)
+
+
+class ConditionalDenoiser(nn.Module):
+    """Class embedding + torchmultimodal's CFGuidance around a noise-prediction network.
+
+    CFGuidance provides the learned null ("unconditional") embedding and the guided sampling.
+    Label dropout during training is applied here from a mask the data pipeline draws per
+    sample (see data.InMemoryData), instead of CFGuidance's own per-call torch.rand, so that
+    which labels are dropped does not depend on the world size or on the RNG of a rank.
+    """
+
+    def __init__(self, net: nn.Module, num_classes: int, cond_dim: int) -> None:
+        super().__init__()
+        self.class_embedding = nn.Embedding(num_classes, cond_dim)
+        # p=0: CFGuidance must not drop labels itself (we do, deterministically, in forward).
+        self.cfg = CFGuidance(net, {COND_KEY: cond_dim}, p=0.0, guidance=0.0)
+
+    @property
+    def null_embedding(self) -> Tensor:
+        """The learned unconditional embedding, shape (1, cond_dim)."""
+        return self.cfg.train_unconditional_embedding[COND_KEY]
+
+    def condition(self, labels: Tensor, drop: Tensor | None = None) -> dict[str, Tensor]:
+        """Class embeddings; rows where `drop` is set get the null embedding (CFG training)."""
+        emb = self.class_embedding(labels)
+        if drop is not None:
+            # important: this is the label dropout that teaches the unconditional model for CFG
+            emb = torch.where(drop[:, None], self.null_embedding.to(emb.dtype), emb)
+        return {COND_KEY: emb}
+
+    def forward(self, xt: Tensor, t: Tensor, labels: Tensor, drop: Tensor | None = None
+                ) -> DiffusionOutput:
+        return self.cfg(xt, t, self.condition(labels, drop))
+
+
+class Diffusion:
+    """Noise schedule, forward noising, training loss and samplers of one configuration."""
+
+    def __init__(self, cfg: DiffusionConfig) -> None:
+        self.cfg = cfg
+        betas = (linear_beta_schedule(cfg.steps) if cfg.beta_schedule == "linear"
+                 else cosine_beta_schedule(cfg.steps))
+        self.schedule = DiscreteGaussianSchedule(betas)
+        self.predictor = NoisePredictor(self.schedule, clamp_unit if cfg.clamp_x0 else None)
+        self.hybrid = DiffusionHybridLoss(self.schedule) if cfg.loss == "hybrid" else None
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.cfg.steps
+
+    def q_sample(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """Noised data x_t ~ q(x_t | x_0) for the given noise and steps."""
+        return self.schedule.q_sample(x0, noise, t)
+
+    def loss(self, out: DiffusionOutput, x0: Tensor, xt: Tensor, noise: Tensor, t: Tensor
+             ) -> Tensor:
+        """MSE on the predicted noise, plus the VLB term for the learned variance (hybrid)."""
+        pred = out.prediction.float()
+        if self.hybrid is None:
+            return torch.nn.functional.mse_loss(pred, noise)
+        value = out.variance_value.float()
+        # Posterior mean/log-variance of the model, as DDPModule.predict_parameters computes them.
+        x0_pred = self.predictor.predict_x0(pred, xt, t)
+        mean, log_variance = self.schedule.q_posterior(x0_pred, xt, t, value)
+        return self.hybrid(pred, noise, mean, log_variance, x0, xt, t)
+
+    def sampler(self, denoiser: ConditionalDenoiser, kind: str, steps: int, guidance: float,
+                eta: float = 0.0) -> nn.Module:
+        """A torchmultimodal DDPM (respaced) or DDIM sampler with CFG, in eval mode."""
+        if not 1 <= steps <= self.cfg.steps:
+            raise ValueError(f"sampling steps must be in 1..{self.cfg.steps}, got {steps}")
+        denoiser.cfg.guidance = guidance
+        eval_steps = torch.linspace(0, self.cfg.steps - 1, steps).round().long().unique()
+        if kind == "ddpm":
+            module: nn.Module = DDPModule(denoiser.cfg, self.schedule, self.predictor,
+                                          eval_steps=eval_steps, progress_bar=False)
+        elif kind == "ddim":
+            module = DDIModule(denoiser.cfg, self.schedule, self.predictor,
+                               eval_steps=eval_steps, progress_bar=False, eta=eta)
+        else:
+            raise ValueError(f"unknown sampler {kind!r}; use ddpm or ddim")
+        device = next(denoiser.parameters()).device
+        return module.to(device).eval()

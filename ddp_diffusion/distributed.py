@@ -1,0 +1,138 @@
+"""Process-group setup (torchrun or SLURM variables), CPU threads, and rank agreement on stopping."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+from dataclasses import dataclass
+from types import FrameType
+
+import torch
+import torch.distributed as dist
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    backend: str | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+_control_group: dist.ProcessGroup | None = None
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def available_cpus() -> int:
+    """CPU cores this process may run on (respects taskset/cgroup affinity)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def init(num_threads: int = 0) -> DistEnv:
+    """Join the process group described by RANK/WORLD_SIZE/LOCAL_RANK (torchrun sets them).
+
+    nccl with one GPU per LOCAL_RANK on CUDA machines, gloo on CPU. On CPU each rank gets
+    cores / local ranks threads: 2 ranks x 1 thread beat 1 rank x 2 threads here.
+    """
+    global _control_group
+    env = DistEnv(
+        rank=_env_int("RANK", 0),
+        world_size=_env_int("WORLD_SIZE", 1),
+        local_rank=_env_int("LOCAL_RANK", 0),
+        local_world_size=_env_int("LOCAL_WORLD_SIZE", 1),
+    )
+    if torch.cuda.is_available():
+        env.device = torch.device("cuda", env.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(env.device)
+    else:
+        threads = num_threads or max(1, available_cpus() // env.local_world_size)
+        torch.set_num_threads(threads)
+    if env.distributed:
+        env.backend = "nccl" if env.device.type == "cuda" else "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(env.backend, timeout=datetime.timedelta(minutes=30),
+                                    device_id=env.device if env.backend == "nccl" else None)
+        # Control-plane collectives (stop flags, RNG states) go over gloo on the CPU, so agreeing
+        # on a stop never needs a GPU stream sync of its own.
+        _control_group = dist.new_group(backend="gloo") if env.backend == "nccl" else None
+    return env
+
+
+def shutdown() -> None:
+    """Leave the process group (no-op when single-process)."""
+    global _control_group
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _control_group = None
+
+
+def agree_any(flags: list[bool]) -> list[bool]:
+    """Element-wise OR of boolean flags across all ranks (a cheap CPU all-reduce)."""
+    if not dist.is_initialized():
+        return flags
+    t = torch.tensor(flags, dtype=torch.uint8)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control_group)
+    return [bool(v) for v in t.tolist()]
+
+
+def all_gather_objects(obj: object) -> list[object]:
+    """Gather one picklable object from every rank (in-memory only, never read from disk)."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj, group=_control_group)
+    return out
+
+
+def broadcast_object(obj: object) -> object:
+    """Rank 0's object on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=_control_group)
+    return box[0]
+
+
+def mean_across_ranks(t: torch.Tensor) -> torch.Tensor:
+    """Average a tensor over ranks (a collective on the training backend)."""
+    if dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= dist.get_world_size()
+    return t
+
+
+class StopRequest:
+    """Remembers SIGTERM/SIGUSR1/SIGUSR2 so the trainer finishes its step, saves and exits."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.signal = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    def restore(self) -> None:
+        """Reinstall the handlers that were there before."""
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)

@@ -1,0 +1,83 @@
+"""Metrics on rank 0: out_dir/metrics.jsonl always, Weights & Biases when enabled.
+
+W&B runs offline by default (no account, no network; upload later with ``wandb sync``). The run
+id lives in every checkpoint, so a resumed or requeued run continues the same W&B run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from ddp_diffusion.config import Config, to_dict
+
+
+def new_run_id() -> str:
+    """A fresh W&B-compatible run id (8 lowercase alphanumerics)."""
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop records logged after `last_step` (work lost by a crash that a resume redoes)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
+class Tracker:
+    """Writes metrics.jsonl and mirrors it to W&B; a no-op on ranks other than 0."""
+
+    def __init__(self, cfg: Config, run_id: str, active: bool, resumed_step: int) -> None:
+        self.active = active
+        self.run_id = run_id
+        self.run: Any = None
+        self.metrics_path = Path(cfg.out_dir) / "metrics.jsonl"
+        if not active:
+            return
+        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        truncate_metrics(self.metrics_path, resumed_step)
+        if cfg.tracking.wandb != "disabled":
+            import wandb  # imported lazily: it costs ~1 s and rank>0 never needs it
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.run = wandb.init(
+                project=cfg.tracking.project, entity=cfg.tracking.entity,
+                name=cfg.tracking.name, tags=cfg.tracking.tags or None,
+                config=to_dict(cfg), id=run_id, resume="allow", mode=cfg.tracking.wandb,
+                dir=str(Path(cfg.out_dir).resolve()),
+                settings=wandb.Settings(console="off"),
+            )
+
+    @property
+    def wandb_dir(self) -> str | None:
+        """The local W&B run folder (offline runs: sync it with `wandb sync`)."""
+        return self.run.dir.removesuffix("/files") if self.run is not None else None
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Append one record {step, **metrics} to metrics.jsonl and W&B."""
+        if not self.active:
+            return
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def log_image(self, step: int, key: str, path: Path) -> None:
+        """Log a PNG (e.g. a sample grid) to W&B."""
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Image(str(path))}, step=step)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
