@@ -84,31 +84,45 @@ under_dir() {  # under_dir PID: cwd or an open file of PID is inside DIR
     done
     return 1
 }
+ppid_of() {  # field 4 of /proc/PID/stat (after the "(comm)" field), bash builtins only
+    local stat
+    read -r stat 2>/dev/null <"/proc/$1/stat" || return 1
+    stat=${stat##*) }
+    stat=${stat#* }
+    echo "${stat%% *}"
+}
 cluster_pids() {
-    local e p comm stepds=() ppid
-    for e in /proc/[0-9]*/environ; do
-        p=${e#/proc/}; p=${p%/environ}
+    local d p comm stepds=() envs=() v has_conf has_job
+    for d in /proc/[0-9]*; do
+        p=${d#/proc/}
         [[ $PROTECT == *" $p "* ]] && continue
-        comm=$(cat "/proc/$p/comm" 2>/dev/null) || continue
-        if [[ $comm == slurmstepd ]] && under_dir "$p"; then
-            echo "$p"; stepds+=("$p")
-        elif grep -qzxF "DDP_SLURM_DEV_DIR=$DIR" "$e" 2>/dev/null; then
-            echo "$p"
-        elif grep -qzxF "SLURM_CONF=$DIR/etc/slurm.conf" "$e" 2>/dev/null \
-            && grep -qz '^SLURM_JOB_ID=' "$e" 2>/dev/null; then
-            echo "$p"
+        read -r comm 2>/dev/null <"$d/comm" || continue
+        if [[ $comm == slurmstepd ]]; then
+            if under_dir "$p"; then echo "$p"; stepds+=("$p"); fi
+            continue
         fi
+        envs=()
+        mapfile -d "" envs 2>/dev/null <"$d/environ" || continue
+        has_conf=0 has_job=0
+        for v in "${envs[@]}"; do
+            case $v in
+                "DDP_SLURM_DEV_DIR=$DIR") echo "$p"; continue 2 ;;
+                "SLURM_CONF=$DIR/etc/slurm.conf") has_conf=1 ;;
+                SLURM_JOB_ID=*) has_job=1 ;;
+            esac
+        done
+        [[ $has_conf -eq 1 && $has_job -eq 1 ]] && echo "$p"
     done
     # descendants of our slurmstepd processes
     if [[ ${#stepds[@]} -gt 0 ]]; then
-        local parents=" ${stepds[*]} " changed=1 s
+        local parents=" ${stepds[*]} " changed=1 pp
         while [[ $changed -eq 1 ]]; do
             changed=0
-            for s in /proc/[0-9]*/stat; do
-                p=${s#/proc/}; p=${p%/stat}
+            for d in /proc/[0-9]*; do
+                p=${d#/proc/}
                 [[ $parents == *" $p "* || $PROTECT == *" $p "* ]] && continue
-                ppid=$(awk '{print $4}' "$s" 2>/dev/null) || continue
-                if [[ $parents == *" $ppid "* ]]; then
+                pp=$(ppid_of "$p") || continue
+                if [[ $parents == *" $pp "* ]]; then
                     parents+="$p "; echo "$p"; changed=1
                 fi
             done
