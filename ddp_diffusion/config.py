@@ -58,7 +58,7 @@ class TrainConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping (the norm is still logged)
-    precision: str = "fp32"  # fp32 | bf16 | fp16
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16 where the hardware has it)
     channels_last: bool = False
     compile: bool = False
     ema_halflife_kimg: float = 10.0  # EMA half-life in thousands of training images (EDM)
@@ -109,7 +109,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "diffusion.beta_schedule": ("linear", "cosine"),
     "diffusion.loss": ("hybrid", "mse"),
     "train.lr_schedule": ("constant", "cosine"),
-    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "sample.sampler": ("ddpm", "ddim"),
     "tracking.wandb": ("offline", "online", "disabled"),
 }

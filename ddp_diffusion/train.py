@@ -29,7 +29,7 @@ from ddp_diffusion.diffusion import Diffusion
 from ddp_diffusion.distributed import DistEnv
 from ddp_diffusion.ema import EMA, ema_beta
 from ddp_diffusion.model import build_denoiser, count_parameters, forward_gflops
-from ddp_diffusion.sample import autocast, generate, save_grid
+from ddp_diffusion.sample import autocast, bf16_is_fast, generate, resolve_precision, save_grid
 from ddp_diffusion.tracking import Tracker, new_run_id
 
 log = logging.getLogger("ddp_diffusion")
@@ -89,6 +89,11 @@ def train(cfg: Config) -> int:
 def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest) -> int:
     tc = cfg.train
     check_batch(tc.batch_size, env.world_size, tc.grad_accum)
+    precision = resolve_precision(tc.precision, env.device)
+    if precision == "bf16" and not bf16_is_fast(env.device):
+        log.warning("train.precision=bf16 but this %s has no native bf16 convolutions: expect "
+                    "it to be several times slower than fp32 (use train.precision=auto)",
+                    env.device.type)
     out_dir = Path(cfg.out_dir)
     ckpt_dir = out_dir / "checkpoints"
 
@@ -108,9 +113,9 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest) -> int:
     torch.manual_seed(cfg.seed)
     diffusion = Diffusion(cfg.diffusion)
     model = build_denoiser(cfg.model, diffusion.num_timesteps).to(env.device)
-    log.info("model %s: %.2fM parameters, %.3f GFLOP forward per image; world size %d (%s)",
+    log.info("model %s: %.2fM parameters, %.3f GFLOP forward per image; world size %d (%s, %s)",
              cfg.model.name, count_parameters(model) / 1e6,
-             forward_gflops(model, cfg.model.image_size), env.world_size, env.device)
+             forward_gflops(model, cfg.model.image_size), env.world_size, env.device, precision)
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = EMA(model)
@@ -120,7 +125,7 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest) -> int:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(
         lr_factor, warmup=tc.warmup_steps, total=tc.max_steps, schedule=tc.lr_schedule,
         min_ratio=tc.min_lr_ratio))
-    scaler = torch.amp.GradScaler(env.device.type, enabled=tc.precision == "fp16")
+    scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
 
     step, images_seen, run_id = 0, 0, new_run_id()
     if state is not None:
@@ -176,7 +181,7 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest) -> int:
         classes = list(range(cfg.model.num_classes))
         labels_ = torch.arange(len(classes), device=env.device).repeat_interleave(s.per_class)
         imgs = generate(ema.module, diffusion, labels_, s.sampler, s.steps, s.guidance,
-                        seed=cfg.seed, eta=s.eta, precision=tc.precision,
+                        seed=cfg.seed, eta=s.eta, precision=precision,
                         image_size=cfg.model.image_size)
         path = save_grid(imgs, classes, s.per_class, out_dir / "samples" / f"step-{step:08d}.png")
         tracker.log_image(step, "samples", path)
@@ -200,7 +205,7 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest) -> int:
             sync = contextlib.nullcontext() if last or not env.distributed else ddp.no_sync()
             x0 = mb.x0.contiguous(memory_format=torch.channels_last) if tc.channels_last else mb.x0
             with sync:
-                with autocast(env.device, tc.precision):
+                with autocast(env.device, precision):
                     xt = diffusion.q_sample(x0, mb.noise, mb.t)
                     out = forward(xt, mb.t, mb.labels, mb.drop)
                     loss = diffusion.loss(out, x0, xt, mb.noise, mb.t)
