@@ -97,6 +97,12 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest) -> int:
     out_dir = Path(cfg.out_dir)
     ckpt_dir = out_dir / "checkpoints"
 
+    # Data first (fails fast): the whole training set lives on the device, and the batches
+    # are deterministic per step.
+    images, labels = load_split(cfg.data.root, train=True, debian_dir=cfg.data.debian_dir,
+                                download=cfg.data.download)
+    data = InMemoryData(images, labels, tc.batch_size, cfg.seed, env.device, cfg.model.image_size)
+
     # Resume: rank 0 picks the newest checkpoint that loads cleanly; every rank loads that one.
     found = checkpoint.resolve_resume(tc.resume, ckpt_dir) if env.is_main else None
     resume_path = distributed.broadcast_object(str(found[0]) if found else None)
@@ -142,11 +148,6 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest) -> int:
             if "cuda" in saved_rng[env.rank] and env.device.type == "cuda":
                 torch.cuda.set_rng_state(saved_rng[env.rank]["cuda"], env.device)
         del state
-
-    # Data: the whole training set lives on the device; batches are deterministic per step.
-    images, labels = load_split(cfg.data.root, train=True, debian_dir=cfg.data.debian_dir,
-                                download=cfg.data.download)
-    data = InMemoryData(images, labels, tc.batch_size, cfg.seed, env.device, cfg.model.image_size)
 
     ddp = model
     if env.distributed:

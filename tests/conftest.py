@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny real IDX datasets written by the tests, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+# A model small enough that a training step takes milliseconds on one CPU core.
+TINY = [
+    "model.channels=16", "model.channel_mult=[1,2]", "model.num_res_blocks=1",
+    "model.attention_resolutions=[]", "diffusion.steps=100", "train.batch_size=16",
+    "train.lr=1e-3", "train.log_every=5", "train.sample_every=0", "train.ckpt_every=10",
+    "sample.sampler=ddim", "sample.steps=5", "sample.per_class=2", "tracking.wandb=disabled",
+    "train.precision=fp32",
+]
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write an IDX file (the MNIST format): magic, big-endian dims, raw uint8 data."""
+    magic = {1: 0x0801, 3: 0x0803}[array.ndim]
+    with path.open("wb") as f:
+        f.write(struct.pack(">I", magic))
+        f.write(struct.pack(f">{array.ndim}I", *array.shape))
+        f.write(array.astype(np.uint8).tobytes())
+
+
+def synthetic_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """n 28x28 images whose brightness pattern depends on the class, and their labels."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 10
+    images = rng.integers(0, 40, size=(n, 28, 28))
+    for i, c in enumerate(labels):
+        images[i, 2 * c:2 * c + 8, 4:24] += 200  # a bar whose height encodes the class
+    return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.uint8)
+
+
+def make_dataset(root: Path, n_train: int = 160, n_test: int = 40) -> Path:
+    """Write the four uncompressed IDX files where torchvision's FashionMNIST looks."""
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for prefix, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
+        images, labels = synthetic_split(n, seed)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data root holding a tiny synthetic Fashion-MNIST (160 train, 40 test images)."""
+    return make_dataset(tmp_path_factory.mktemp("tiny_data"))
+
+
+def cli_env(threads: int = 1) -> dict[str, str]:
+    """Environment for CLI subprocesses: quiet W&B, fixed CPU threads."""
+    env = dict(os.environ)
+    env.update({"WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": str(threads),
+                "PYTHONUNBUFFERED": "1"})
+    return env
+
+
+def run_cli(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `python -m ddp_diffusion ARGS` and return the finished process."""
+    proc = subprocess.run([sys.executable, "-m", "ddp_diffusion", *args], capture_output=True,
+                          text=True, env=cli_env(), cwd=REPO, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\n"
+                             f"stderr:\n{proc.stderr[-4000:]}")
+    return proc
