@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ddp_diffusion.config import UserError
+from ddp_diffusion.config import UserError, flatten
 
 log = logging.getLogger("ddp_diffusion")
 NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
@@ -111,26 +111,14 @@ def resolve_resume(resume: str, ckpt_dir: Path) -> tuple[Path, dict[str, Any]] |
         raise UserError(str(e)) from None
 
 
-def _lookup(tree: dict[str, Any], dotted: str) -> Any:
-    node: Any = tree
-    for part in dotted.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
-
-
-def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> list[str]:
+def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path | str) -> list[str]:
     """Raise UserError if a frozen setting changed; return the other changed keys (allowed)."""
-    frozen = [k for k in FROZEN_KEYS if _lookup(saved, k) != _lookup(current, k)]
+    old, new = flatten(saved), flatten(current)
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    frozen = [k for k in changed if any(k == f or k.startswith(f + ".") for f in FROZEN_KEYS)]
     if frozen:
-        details = "; ".join(f"{k}: {_lookup(saved, k)} -> {_lookup(current, k)}" for k in frozen)
+        details = ", ".join(f"{k}: {old.get(k)} -> {new.get(k)}" for k in frozen)
         raise UserError(
             f"cannot resume from {path}: the config changed in a way that breaks resumption "
             f"({details}); use a new out_dir or train.resume=never")
-    changed = []
-    for section, values in current.items():
-        if isinstance(values, dict):
-            changed += [f"{section}.{k}" for k, v in values.items()
-                        if _lookup(saved, f"{section}.{k}") != v]
-        elif saved.get(section) != values:
-            changed.append(section)
     return changed

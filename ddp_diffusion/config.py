@@ -115,6 +115,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+TRUE_WORDS = ("true", "yes", "1", "on")
+FALSE_WORDS = ("false", "no", "0", "off")
+
+
 def _fields(cls: type) -> dict[str, Any]:
     """Map each field name of a dataclass to its resolved type."""
     hints = typing.get_type_hints(cls)
@@ -155,15 +159,19 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return [_coerce(key, v.strip() if isinstance(v, str) else v, item) for v in value]
     try:
         if tp is bool:
-            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
-                return value.lower() in ("true", "yes", "1", "on")
+            if isinstance(value, str) and value.lower() in TRUE_WORDS + FALSE_WORDS:
+                return value.lower() in TRUE_WORDS
             if isinstance(value, bool):
                 return value
             raise ValueError
         if tp is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+            if isinstance(value, str) and "e" in value.lower():  # 1e3: YAML leaves it a string
+                value = float(value)
+                if not value.is_integer():
+                    raise ValueError
+            return int(value)
         if tp is float:
             if isinstance(value, bool):
                 raise ValueError
@@ -201,11 +209,12 @@ def set_key(cfg: Config, key: str, value: Any) -> None:
     setattr(node, leaf, coerced)
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}."""
     flat: dict[str, Any] = {}
     for k, v in data.items():
         if isinstance(v, dict):
-            flat.update(_flatten(v, f"{prefix}{k}."))
+            flat.update(flatten(v, f"{prefix}{k}."))
         else:
             flat[prefix + str(k)] = v
     return flat
@@ -214,7 +223,7 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def from_dict(data: dict[str, Any]) -> Config:
     """Build a Config from a nested dict (as in YAML); unknown keys are errors."""
     cfg = Config()
-    for key, value in _flatten(data).items():
+    for key, value in flatten(data).items():
         set_key(cfg, key, value)
     return cfg
 

@@ -1,4 +1,4 @@
-"""Fashion-MNIST in memory, deterministic world-size-invariant batches, and batched noising inputs."""
+"""Fashion-MNIST in memory, and deterministic, world-size-invariant training batches."""
 
 from __future__ import annotations
 
@@ -85,6 +85,9 @@ class Batch:
     drop: torch.Tensor  # (b,) bool: replace the label by the null embedding (CFG training)
 
 
+BATCH_FIELDS = tuple(Batch.__dataclass_fields__)
+
+
 class InMemoryData:
     """The whole training set on the device, served as deterministic global batches.
 
@@ -142,7 +145,7 @@ class InMemoryData:
         out = []
         for k in range(accum):
             lo = rank * per_rank + k * micro
-            out.append(Batch(*(getattr(full, f)[lo:lo + micro] for f in Batch.__dataclass_fields__)))
+            out.append(Batch(*(getattr(full, f)[lo:lo + micro] for f in BATCH_FIELDS)))
         return out
 
 

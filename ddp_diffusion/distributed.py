@@ -1,11 +1,11 @@
-"""Process-group setup (torchrun or SLURM variables), CPU threads, and rank agreement on stopping."""
+"""Process-group setup (torchrun variables), CPU threads, and rank agreement on stopping."""
 
 from __future__ import annotations
 
 import datetime
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 
 import torch
@@ -20,7 +20,7 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     backend: str | None = None
 
     @property

@@ -152,7 +152,8 @@ class UNet(nn.Module):
         ch = cfg.channels
         emb_dim = 4 * ch
         self.channels = ch
-        self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(),
+                                      nn.Linear(emb_dim, emb_dim))
         self.cond_proj = nn.Linear(cfg.cond_dim, emb_dim)
         self.stem = nn.Conv2d(1, ch, 3, padding=1)
 
@@ -184,7 +185,8 @@ class UNet(nn.Module):
                     blocks += [nn.Upsample(scale_factor=2), nn.Conv2d(cur, cur, 3, padding=1)]
                     res *= 2
                 self.up.append(nn.ModuleList(blocks))
-        self.out = nn.Sequential(group_norm(cur), nn.SiLU(), zero_init(nn.Conv2d(cur, 2, 3, padding=1)))
+        self.out = nn.Sequential(group_norm(cur), nn.SiLU(),
+                                 zero_init(nn.Conv2d(cur, 2, 3, padding=1)))
 
     @staticmethod
     def _run(blocks: nn.ModuleList, h: Tensor, emb: Tensor) -> Tensor:

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from ddp_diffusion import checkpoint, config, distributed
-from ddp_diffusion.config import Config, UserError
+from ddp_diffusion.config import Config
 from ddp_diffusion.data import InMemoryData, check_batch, derive_seed, load_split
 from ddp_diffusion.diffusion import Diffusion
 from ddp_diffusion.distributed import DistEnv
@@ -195,7 +195,7 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest) -> int:
     t_last, step_last = time.perf_counter(), step
     model.train()
     while step < tc.max_steps:
-        # Per-step seed for any global-RNG consumer (e.g. dropout): a function of (seed, step, rank).
+        # Seed global-RNG consumers (e.g. dropout) per step: a function of (seed, step, rank).
         torch.manual_seed(derive_seed(cfg.seed, "global", step, env.rank))
         step_loss = torch.zeros((), device=env.device)
         micro_batches = data.micro_batches(step, env.rank, env.world_size, tc.grad_accum,

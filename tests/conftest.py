@@ -76,3 +76,67 @@ def run_cli(*args: str, check: bool = True, timeout: float = 600) -> subprocess.
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\n"
                              f"stderr:\n{proc.stderr[-4000:]}")
     return proc
+
+
+def torchrun_cmd(nproc: int, *args: str, max_restarts: int = 0) -> list[str]:
+    """The command line of a real torchrun launch of the trainer on this machine."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={nproc}", f"--max-restarts={max_restarts}",
+            "-m", "ddp_diffusion", *args]
+
+
+def run_torchrun(nproc: int, *args: str, max_restarts: int = 0, check: bool = True,
+                 timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the trainer under real torchrun (gloo on CPU), one thread per rank."""
+    proc = subprocess.run(torchrun_cmd(nproc, *args, max_restarts=max_restarts),
+                          capture_output=True, text=True, env=cli_env(), cwd=REPO,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstderr:\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def final_state(run_dir: Path) -> dict:
+    """The newest checkpoint of a run, loaded the safe way."""
+    from ddp_diffusion import checkpoint
+
+    _, path = checkpoint.list_checkpoints(run_dir / "checkpoints")[-1]
+    return checkpoint.load(path)
+
+
+def assert_bitwise_equal(a: object, b: object, where: str = "") -> None:
+    """Recursively compare checkpoint parts: tensors must be identical bit for bit."""
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), f"{where}: max diff {(a.double() - b.double()).abs().max()}"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_bitwise_equal(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_bitwise_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def wait_for_step(metrics: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Block until metrics.jsonl records `step` (the trainer logs every step in these tests)."""
+    import json
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"trainer exited early with {proc.returncode}")
+        lines = metrics.read_text().splitlines() if metrics.is_file() else []
+        try:
+            if lines and json.loads(lines[-1])["step"] >= step:
+                return
+        except json.JSONDecodeError:  # caught a line half-written
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in {timeout} s")

@@ -1,0 +1,185 @@
+"""Exact resumption, stop signals, kills, broken checkpoints: real processes and real files."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import (
+    REPO,
+    TINY,
+    assert_bitwise_equal,
+    cli_env,
+    final_state,
+    run_cli,
+    run_torchrun,
+    torchrun_cmd,
+    wait_for_step,
+)
+
+from ddp_diffusion import checkpoint
+from ddp_diffusion.checkpoint import CheckpointError
+
+BITWISE = ("model", "ema", "optimizer", "lr_schedule", "grad_scaler", "step", "images_seen",
+           "data_position")
+
+
+def args(tiny_data: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    return ["train", *TINY, f"data.root={tiny_data}", f"out_dir={out}",
+            f"train.max_steps={steps}", "train.log_every=1", "train.warmup_steps=3",
+            "train.lr_schedule=cosine", "model.dropout=0.1", *extra]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    sa, sb = final_state(a), final_state(b)
+    for key in BITWISE:
+        assert_bitwise_equal(sa[key], sb[key], key)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_is_bitwise_exact_single_process(tiny_data: Path, tmp_path: Path,
+                                                precision: str) -> None:
+    p = f"train.precision={precision}"
+    run_cli(*args(tiny_data, tmp_path / "straight", 8, p))
+    run_cli(*args(tiny_data, tmp_path / "resumed", 4, p, "train.ckpt_every=100"))
+    proc = run_cli(*args(tiny_data, tmp_path / "resumed", 8, p, "train.ckpt_every=100"))
+    assert "resuming from" in proc.stderr and "(step 4)" in proc.stderr
+    assert_same_run(tmp_path / "straight", tmp_path / "resumed")
+
+
+def test_sigterm_mid_run_saves_exits_75_and_resumes_exactly(tiny_data: Path,
+                                                            tmp_path: Path) -> None:
+    run_cli(*args(tiny_data, tmp_path / "straight", 12))
+    out = tmp_path / "stopped"
+    cmd = [os.sys.executable, "-m", "ddp_diffusion",
+           *args(tiny_data, out, 12, "train.ckpt_every=1000")]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stderr=subprocess.PIPE, text=True)
+    wait_for_step(out / "metrics.jsonl", 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-3000:]
+    assert "stopped by SIGTERM" in err
+    (stopped_at, _), = checkpoint.list_checkpoints(out / "checkpoints")
+    assert 3 <= stopped_at < 12  # mid-run, not at a checkpoint boundary (ckpt_every=1000)
+    run_cli(*args(tiny_data, out, 12, "train.ckpt_every=1000"))
+    assert_same_run(tmp_path / "straight", out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_is_bitwise_exact_two_processes(tiny_data: Path, tmp_path: Path,
+                                               precision: str) -> None:
+    p = f"train.precision={precision}"
+    run_torchrun(2, *args(tiny_data, tmp_path / "straight", 8, p))
+    run_torchrun(2, *args(tiny_data, tmp_path / "resumed", 4, p, "train.ckpt_every=100"))
+    run_torchrun(2, *args(tiny_data, tmp_path / "resumed", 8, p, "train.ckpt_every=100"))
+    assert_same_run(tmp_path / "straight", tmp_path / "resumed")
+    # Every rank's RNG state is in the checkpoint.
+    assert len(final_state(tmp_path / "resumed")["rng"]) == 2
+
+
+@pytest.mark.slow
+def test_signal_to_one_rank_stops_all_at_the_same_step(tiny_data: Path, tmp_path: Path) -> None:
+    run_torchrun(2, *args(tiny_data, tmp_path / "straight", 12))
+    out = tmp_path / "stopped"
+    launcher = subprocess.Popen(torchrun_cmd(2, *args(tiny_data, out, 12, "train.ckpt_every=1000")),
+                                cwd=REPO, env=cli_env(), stderr=subprocess.PIPE, text=True)
+    wait_for_step(out / "metrics.jsonl", 3, launcher)
+    workers = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True)
+    pids = sorted(int(p) for p in workers.stdout.split())
+    assert len(pids) == 2
+    os.kill(pids[-1], signal.SIGUSR1)  # only one rank hears it
+    _, err = launcher.communicate(timeout=300)
+    assert "exitcode  : 75" in err or "exit code 75" in err or launcher.returncode != 0
+    (stopped_at, _), = checkpoint.list_checkpoints(out / "checkpoints")
+    assert 3 <= stopped_at < 12
+    run_torchrun(2, *args(tiny_data, out, 12, "train.ckpt_every=1000"))
+    assert_same_run(tmp_path / "straight", out)
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_rank_under_max_restarts_recovers_exactly(tiny_data: Path,
+                                                               tmp_path: Path) -> None:
+    run_torchrun(2, *args(tiny_data, tmp_path / "straight", 14, "train.ckpt_every=4"))
+    out = tmp_path / "killed"
+    launcher = subprocess.Popen(
+        torchrun_cmd(2, *args(tiny_data, out, 14, "train.ckpt_every=4"), max_restarts=1),
+        cwd=REPO, env=cli_env(), stderr=subprocess.PIPE, text=True)
+    wait_for_step(out / "metrics.jsonl", 6, launcher)
+    pids = sorted(int(p) for p in subprocess.run(["pgrep", "-P", str(launcher.pid)],
+                                                 capture_output=True, text=True).stdout.split())
+    os.kill(pids[-1], signal.SIGKILL)
+    _, err = launcher.communicate(timeout=600)
+    assert launcher.returncode == 0, err[-4000:]
+    assert "resuming from" in err  # the restarted group came back from a checkpoint
+    assert_same_run(tmp_path / "straight", out)
+
+
+def test_truncated_newest_checkpoint_falls_back_to_previous(tiny_data: Path,
+                                                            tmp_path: Path) -> None:
+    run_cli(*args(tiny_data, tmp_path / "straight", 12, "train.ckpt_every=4"))
+    out = tmp_path / "broken"
+    run_cli(*args(tiny_data, out, 8, "train.ckpt_every=4"))
+    newest = checkpoint.path_for(out / "checkpoints", 8)
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a torn write
+    proc = run_cli(*args(tiny_data, out, 12, "train.ckpt_every=4"))
+    assert f"skipping checkpoint {newest}: unreadable (truncated or corrupt)" in proc.stderr
+    assert "(step 4)" in proc.stderr
+    assert_same_run(tmp_path / "straight", out)
+
+
+class _RunsCode:
+    """Unpickling this object would run a shell command."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_that_runs_code_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "ckpt-00000001.pt"
+    torch.save({"step": 1, "model": _RunsCode(marker)}, evil, pickle_module=pickle)
+    with pytest.raises(CheckpointError, match="refused, it holds objects other than tensors") as e:
+        checkpoint.load(evil)
+    assert not marker.exists()
+    assert str(e.value).startswith(f"{evil}: ")
+
+
+def test_changed_model_cannot_resume(tiny_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run_cli(*args(tiny_data, out, 2))
+    proc = run_cli(*args(tiny_data, out, 4, "model.channels=24"), check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: cannot resume from {checkpoint.path_for(out / 'checkpoints', 2)}: the config "
+        "changed in a way that breaks resumption (model.channels: 16 -> 24); use a new out_dir "
+        "or train.resume=never")
+
+
+def test_non_finite_loss_is_skipped_then_aborts(tiny_data: Path, tmp_path: Path) -> None:
+    proc = run_cli(*args(tiny_data, tmp_path / "nan", 30, "train.lr=1e30", "train.grad_clip=0",
+                         "train.max_nonfinite=3", "train.warmup_steps=0"), check=False)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "non-finite loss, update skipped (1 in a row" in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: loss was non-finite for 3 steps in a row")
+    assert "train.lr" in last
+
+
+def test_retention_keeps_last_n_and_milestones_and_no_temp_files(tmp_path: Path) -> None:
+    for step in range(1, 11):
+        checkpoint.save({"step": step, "model": {"w": torch.full((2,), float(step))}},
+                        tmp_path, step, keep_last=2, milestone_every=4)
+    assert [s for s, _ in checkpoint.list_checkpoints(tmp_path)] == [4, 8, 9, 10]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ckpt-00000004.pt", "ckpt-00000008.pt", "ckpt-00000009.pt", "ckpt-00000010.pt"]
+    path, state = checkpoint.newest_loadable(tmp_path)
+    assert state["step"] == 10 and torch.equal(state["model"]["w"], torch.full((2,), 10.0))
