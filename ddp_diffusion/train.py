@@ -193,94 +193,100 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest) -> int:
     norm_acc = torch.zeros((), device=env.device)
     logged_steps, nonfinite_streak, nonfinite_total = 0, 0, 0
     t_last, step_last = time.perf_counter(), step
+    memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
     model.train()
-    while step < tc.max_steps:
-        # Seed global-RNG consumers (e.g. dropout) per step: a function of (seed, step, rank).
-        torch.manual_seed(derive_seed(cfg.seed, "global", step, env.rank))
-        step_loss = torch.zeros((), device=env.device)
-        micro_batches = data.micro_batches(step, env.rank, env.world_size, tc.grad_accum,
-                                           diffusion.num_timesteps, cfg.diffusion.cfg_dropout)
-        for k, mb in enumerate(micro_batches):
-            # Gradients are all-reduced only on the last micro-step.
-            last = k == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if last or not env.distributed else ddp.no_sync()
-            x0 = mb.x0.contiguous(memory_format=torch.channels_last) if tc.channels_last else mb.x0
-            with sync:
-                with autocast(env.device, precision):
-                    xt = diffusion.q_sample(x0, mb.noise, mb.t)
-                    out = forward(xt, mb.t, mb.labels, mb.drop)
-                    loss = diffusion.loss(out, x0, xt, mb.noise, mb.t)
-                scaler.scale(loss / len(micro_batches)).backward()
-            step_loss += loss.detach() / len(micro_batches)
+    try:
+        while step < tc.max_steps:
+            # Seed global-RNG consumers (e.g. dropout) per step: a function of (seed, step, rank).
+            torch.manual_seed(derive_seed(cfg.seed, "global", step, env.rank))
+            step_loss = torch.zeros((), device=env.device)
+            micro_batches = data.micro_batches(step, env.rank, env.world_size, tc.grad_accum,
+                                               diffusion.num_timesteps, cfg.diffusion.cfg_dropout)
+            for k, mb in enumerate(micro_batches):
+                # Gradients are all-reduced only on the last micro-step.
+                last = k == len(micro_batches) - 1
+                sync = contextlib.nullcontext() if last or not env.distributed else ddp.no_sync()
+                x0 = mb.x0.contiguous(memory_format=memory_format)
+                with sync:
+                    with autocast(env.device, precision):
+                        xt = diffusion.q_sample(x0, mb.noise, mb.t)
+                        out = forward(xt, mb.t, mb.labels, mb.drop)
+                        loss = diffusion.loss(out, x0, xt, mb.noise, mb.t)
+                    scaler.scale(loss / len(micro_batches)).backward()
+                step_loss += loss.detach() / len(micro_batches)
 
-        scaler.unscale_(opt)
-        params = [p for p in model.parameters() if p.grad is not None]
-        grad_norm = (torch.nn.utils.clip_grad_norm_(params, tc.grad_clip) if tc.grad_clip > 0
-                     else torch.nn.utils.get_total_norm([p.grad for p in params]))
-        # One tiny CPU collective per step: did any rank get a stop signal or a non-finite loss?
-        stop_now, bad = distributed.agree_any([stop.requested,
-                                               not bool(torch.isfinite(step_loss))])
-        step += 1
-        images_seen += tc.batch_size
-        if bad:
-            nonfinite_streak += 1
-            nonfinite_total += 1
-            log.warning("step %d: non-finite loss, update skipped (%d in a row, %d total)",
-                        step, nonfinite_streak, nonfinite_total)
-            if nonfinite_streak >= tc.max_nonfinite:
-                newest = checkpoint.list_checkpoints(ckpt_dir)
-                raise TrainingDiverged(
-                    f"loss was non-finite for {nonfinite_streak} steps in a row (up to step "
-                    f"{step}); last checkpoint: {newest[-1][1] if newest else 'none'}; "
-                    "lower train.lr, raise train.grad_clip strength or use train.precision=fp32")
-        else:
-            nonfinite_streak = 0
-            scaler.step(opt)
-            ema.update(model, ema_beta(tc.batch_size, images_seen, tc.ema_halflife_kimg,
-                                       tc.ema_rampup_ratio))
-            loss_acc += step_loss
-            norm_acc += grad_norm
-            logged_steps += 1
-        scaler.update()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        progress.update(1)
+            scaler.unscale_(opt)
+            params = [p for p in model.parameters() if p.grad is not None]
+            grad_norm = (torch.nn.utils.clip_grad_norm_(params, tc.grad_clip) if tc.grad_clip > 0
+                         else torch.nn.utils.get_total_norm([p.grad for p in params]))
+            # One tiny CPU collective per step: did any rank get a stop signal or a non-finite loss?
+            stop_now, bad = distributed.agree_any([stop.requested,
+                                                   not bool(torch.isfinite(step_loss))])
+            step += 1
+            images_seen += tc.batch_size
+            if bad:
+                nonfinite_streak += 1
+                nonfinite_total += 1
+                log.warning("step %d: non-finite loss, update skipped (%d in a row, %d total)",
+                            step, nonfinite_streak, nonfinite_total)
+                if nonfinite_streak >= tc.max_nonfinite:
+                    newest = checkpoint.list_checkpoints(ckpt_dir)
+                    raise TrainingDiverged(
+                        f"loss was non-finite for {nonfinite_streak} steps in a row (up to step "
+                        f"{step}); last checkpoint: {newest[-1][1] if newest else 'none'}; "
+                        "lower train.lr, set train.grad_clip, or use train.precision=fp32")
+            else:
+                nonfinite_streak = 0
+                scaler.step(opt)
+                ema.update(model, ema_beta(tc.batch_size, images_seen, tc.ema_halflife_kimg,
+                                           tc.ema_rampup_ratio))
+                loss_acc += step_loss
+                norm_acc += grad_norm
+                logged_steps += 1
+            scaler.update()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            progress.update(1)
 
-        if step % tc.log_every == 0 or step == tc.max_steps:
-            # The only host sync of the loss: once per log interval, averaged over ranks.
-            means = distributed.mean_across_ranks(torch.stack([loss_acc, norm_acc]))
-            now = time.perf_counter()
-            n = max(logged_steps, 1)
-            metrics = {
-                "loss": float(means[0]) / n, "grad_norm": float(means[1]) / n,
-                "lr": opt.param_groups[0]["lr"],
-                "images_per_s": tc.batch_size * (step - step_last) / (now - t_last),
-                "ema_beta": ema_beta(tc.batch_size, images_seen, tc.ema_halflife_kimg,
-                                     tc.ema_rampup_ratio),
-                "images_seen": images_seen, "nonfinite_total": nonfinite_total,
-            }
-            tracker.log(step, metrics)
-            progress.set_postfix(loss=f"{metrics['loss']:.4f}",
-                                 img_s=f"{metrics['images_per_s']:.1f}")
-            loss_acc.zero_()
-            norm_acc.zero_()
-            logged_steps, t_last, step_last = 0, now, step
-        if env.is_main and tc.sample_every and (step % tc.sample_every == 0
-                                               or step == tc.max_steps):
-            sample_grid()
-        if stop_now or step % tc.ckpt_every == 0 or step == tc.max_steps:
-            path = save_checkpoint()
-            if path is not None:
-                log.info("step %d: checkpoint %s", step, path)
-        if stop_now:
-            name = signal.Signals(stop.signal).name if stop.signal else "a signal on another rank"
-            log.warning("stopped by %s at step %d after saving a checkpoint; exit code %d "
-                        "(run the same command again to resume)", name, step, EXIT_PREEMPTED)
-            progress.close()
-            tracker.finish()
-            return EXIT_PREEMPTED
-    progress.close()
-    tracker.finish()
-    if step >= tc.max_steps and env.is_main:
-        log.info("done: step %d, %d images; checkpoints in %s", step, images_seen, ckpt_dir)
-    return EXIT_OK
+            if step % tc.log_every == 0 or step == tc.max_steps:
+                # The only host sync of the loss: once per log interval, averaged over ranks.
+                means = distributed.mean_across_ranks(torch.stack([loss_acc, norm_acc]))
+                now = time.perf_counter()
+                n = max(logged_steps, 1)
+                metrics = {
+                    "loss": float(means[0]) / n, "grad_norm": float(means[1]) / n,
+                    "lr": opt.param_groups[0]["lr"],
+                    "images_per_s": tc.batch_size * (step - step_last) / (now - t_last),
+                    "ema_beta": ema_beta(tc.batch_size, images_seen, tc.ema_halflife_kimg,
+                                         tc.ema_rampup_ratio),
+                    "images_seen": images_seen, "nonfinite_total": nonfinite_total,
+                }
+                tracker.log(step, metrics)
+                progress.set_postfix(loss=f"{metrics['loss']:.4f}",
+                                     img_s=f"{metrics['images_per_s']:.1f}")
+                loss_acc.zero_()
+                norm_acc.zero_()
+                logged_steps, t_last, step_last = 0, now, step
+            if env.is_main and tc.sample_every and (step % tc.sample_every == 0
+                                                   or step == tc.max_steps):
+                sample_grid()
+            if cfg.fid.every and (step % cfg.fid.every == 0 or step == tc.max_steps):
+                from ddp_diffusion.fid import evaluate  # all ranks: compute() is a collective
+
+                fid = evaluate(ema.module, diffusion, cfg, cfg.fid, cfg.seed, precision)
+                tracker.log(step, {k: fid[k] for k in ("fid", "class_accuracy")})
+            if stop_now or step % tc.ckpt_every == 0 or step == tc.max_steps:
+                path = save_checkpoint()
+                if path is not None:
+                    log.info("step %d: checkpoint %s", step, path)
+            if stop_now:
+                name = signal.Signals(stop.signal).name if stop.signal else "another rank's signal"
+                log.warning("stopped by %s at step %d after saving a checkpoint; exit code %d "
+                            "(run the same command again to resume)", name, step, EXIT_PREEMPTED)
+                return EXIT_PREEMPTED
+        if step >= tc.max_steps and env.is_main:
+            log.info("done: step %d, %d images; checkpoints in %s", step, images_seen, ckpt_dir)
+        return EXIT_OK
+    finally:
+        progress.close()
+        tracker.finish()

@@ -20,7 +20,7 @@ TINY = [
     "model.attention_resolutions=[]", "diffusion.steps=100", "train.batch_size=16",
     "train.lr=1e-3", "train.log_every=5", "train.sample_every=0", "train.ckpt_every=10",
     "sample.sampler=ddim", "sample.steps=5", "sample.per_class=2", "tracking.wandb=disabled",
-    "train.precision=fp32",
+    "train.precision=fp32", "train.num_threads=1",
 ]
 
 

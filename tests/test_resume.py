@@ -6,6 +6,7 @@ import os
 import pickle
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,9 +31,15 @@ BITWISE = ("model", "ema", "optimizer", "lr_schedule", "grad_scaler", "step", "i
 
 
 def args(tiny_data: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    """A tiny run with dropout (global RNG) and LR warmup. The LR schedule is constant because
+    the tests that stop at K by setting max_steps=K would otherwise change a cosine decay;
+    the signal tests, which keep max_steps, use cosine."""
     return ["train", *TINY, f"data.root={tiny_data}", f"out_dir={out}",
             f"train.max_steps={steps}", "train.log_every=1", "train.warmup_steps=3",
-            "train.lr_schedule=cosine", "model.dropout=0.1", *extra]
+            "model.dropout=0.1", *extra]
+
+
+COSINE = ("train.lr_schedule=cosine", "train.min_lr_ratio=0.1")
 
 
 def assert_same_run(a: Path, b: Path) -> None:
@@ -54,10 +61,10 @@ def test_resume_is_bitwise_exact_single_process(tiny_data: Path, tmp_path: Path,
 
 def test_sigterm_mid_run_saves_exits_75_and_resumes_exactly(tiny_data: Path,
                                                             tmp_path: Path) -> None:
-    run_cli(*args(tiny_data, tmp_path / "straight", 12))
+    run_cli(*args(tiny_data, tmp_path / "straight", 12, *COSINE))
     out = tmp_path / "stopped"
-    cmd = [os.sys.executable, "-m", "ddp_diffusion",
-           *args(tiny_data, out, 12, "train.ckpt_every=1000")]
+    cmd = [sys.executable, "-m", "ddp_diffusion",
+           *args(tiny_data, out, 12, "train.ckpt_every=1000", *COSINE)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stderr=subprocess.PIPE, text=True)
     wait_for_step(out / "metrics.jsonl", 3, proc)
     proc.send_signal(signal.SIGTERM)
@@ -66,7 +73,7 @@ def test_sigterm_mid_run_saves_exits_75_and_resumes_exactly(tiny_data: Path,
     assert "stopped by SIGTERM" in err
     (stopped_at, _), = checkpoint.list_checkpoints(out / "checkpoints")
     assert 3 <= stopped_at < 12  # mid-run, not at a checkpoint boundary (ckpt_every=1000)
-    run_cli(*args(tiny_data, out, 12, "train.ckpt_every=1000"))
+    run_cli(*args(tiny_data, out, 12, "train.ckpt_every=1000", *COSINE))
     assert_same_run(tmp_path / "straight", out)
 
 
@@ -85,10 +92,11 @@ def test_resume_is_bitwise_exact_two_processes(tiny_data: Path, tmp_path: Path,
 
 @pytest.mark.slow
 def test_signal_to_one_rank_stops_all_at_the_same_step(tiny_data: Path, tmp_path: Path) -> None:
-    run_torchrun(2, *args(tiny_data, tmp_path / "straight", 12))
+    run_torchrun(2, *args(tiny_data, tmp_path / "straight", 12, *COSINE))
     out = tmp_path / "stopped"
-    launcher = subprocess.Popen(torchrun_cmd(2, *args(tiny_data, out, 12, "train.ckpt_every=1000")),
-                                cwd=REPO, env=cli_env(), stderr=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen(
+        torchrun_cmd(2, *args(tiny_data, out, 12, "train.ckpt_every=1000", *COSINE)),
+        cwd=REPO, env=cli_env(), stderr=subprocess.PIPE, text=True)
     wait_for_step(out / "metrics.jsonl", 3, launcher)
     workers = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True)
     pids = sorted(int(p) for p in workers.stdout.split())
@@ -98,17 +106,17 @@ def test_signal_to_one_rank_stops_all_at_the_same_step(tiny_data: Path, tmp_path
     assert "exitcode  : 75" in err or "exit code 75" in err or launcher.returncode != 0
     (stopped_at, _), = checkpoint.list_checkpoints(out / "checkpoints")
     assert 3 <= stopped_at < 12
-    run_torchrun(2, *args(tiny_data, out, 12, "train.ckpt_every=1000"))
+    run_torchrun(2, *args(tiny_data, out, 12, "train.ckpt_every=1000", *COSINE))
     assert_same_run(tmp_path / "straight", out)
 
 
 @pytest.mark.slow
 def test_sigkill_of_a_rank_under_max_restarts_recovers_exactly(tiny_data: Path,
                                                                tmp_path: Path) -> None:
-    run_torchrun(2, *args(tiny_data, tmp_path / "straight", 14, "train.ckpt_every=4"))
+    run_torchrun(2, *args(tiny_data, tmp_path / "straight", 14, "train.ckpt_every=4", *COSINE))
     out = tmp_path / "killed"
     launcher = subprocess.Popen(
-        torchrun_cmd(2, *args(tiny_data, out, 14, "train.ckpt_every=4"), max_restarts=1),
+        torchrun_cmd(2, *args(tiny_data, out, 14, "train.ckpt_every=4", *COSINE), max_restarts=1),
         cwd=REPO, env=cli_env(), stderr=subprocess.PIPE, text=True)
     wait_for_step(out / "metrics.jsonl", 6, launcher)
     pids = sorted(int(p) for p in subprocess.run(["pgrep", "-P", str(launcher.pid)],
@@ -181,5 +189,5 @@ def test_retention_keeps_last_n_and_milestones_and_no_temp_files(tmp_path: Path)
     assert [s for s, _ in checkpoint.list_checkpoints(tmp_path)] == [4, 8, 9, 10]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "ckpt-00000004.pt", "ckpt-00000008.pt", "ckpt-00000009.pt", "ckpt-00000010.pt"]
-    path, state = checkpoint.newest_loadable(tmp_path)
+    _, state = checkpoint.newest_loadable(tmp_path)
     assert state["step"] == 10 and torch.equal(state["model"]["w"], torch.full((2,), 10.0))
