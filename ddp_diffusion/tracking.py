@@ -7,12 +7,16 @@ id lives in every checkpoint, so a resumed or requeued run continues the same W&
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ddp_diffusion.config import Config, to_dict
+
+log = logging.getLogger("ddp_diffusion")
 
 
 def new_run_id() -> str:
@@ -67,17 +71,31 @@ class Tracker:
             return
         with self.metrics_path.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.run is not None:
-            self.run.log(metrics, step=step)
+        self._wandb(lambda run: run.log(metrics, step=step))
 
     def log_image(self, step: int, key: str, path: Path) -> None:
         """Log a PNG (e.g. a sample grid) to W&B."""
         if self.run is not None:
             import wandb
 
-            self.run.log({key: wandb.Image(str(path))}, step=step)
+            self._wandb(lambda run: run.log({key: wandb.Image(str(path))}, step=step))
 
     def finish(self) -> None:
-        if self.run is not None:
-            self.run.finish()
+        self._wandb(lambda run: run.finish())
+        self.run = None
+
+    def _wandb(self, call: Callable[[Any], object]) -> None:
+        """Call W&B; if its service died, warn once and go on with metrics.jsonl only.
+
+        A stop signal reaches every process of a SLURM job step, W&B's service too (SIGTERM
+        ends it): training must still save its checkpoint, and a resume continues the W&B run.
+        """
+        if self.run is None:
+            return
+        try:
+            call(self.run)
+        except Exception as e:
+            log.warning("W&B stopped working (%s: %s), e.g. its service got the stop signal; "
+                        "metrics go on in %s, and a resume continues W&B run %s",
+                        type(e).__name__, e, self.metrics_path, self.run_id)
             self.run = None
