@@ -22,6 +22,20 @@ def _train(args: argparse.Namespace) -> int:
     return train(config.load(args.config, args.overrides))
 
 
+def _submit(args: argparse.Namespace) -> int:
+    from ddp_diffusion import config, slurm
+
+    opts = slurm.SubmitOptions(
+        nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
+        cpus_per_task=args.cpus_per_task, partition=args.partition, account=args.account,
+        qos=args.qos, time=args.time, mem=args.mem, constraint=args.constraint,
+        exclude=args.exclude, job_name=args.job_name, sbatch=slurm.parse_sbatch(args.sbatch),
+        folder=args.folder, local=args.local, signal_delay_s=args.signal_delay,
+        max_requeues=args.max_requeues)
+    slurm.submit(config.load(args.config, args.overrides), opts)
+    return 0
+
+
 def _sample(args: argparse.Namespace) -> int:
     import torch
 
@@ -41,6 +55,40 @@ def _sample(args: argparse.Namespace) -> int:
     out = save_grid(images, classes, per_class, Path(args.out))
     print(f"wrote {out} ({len(classes)} classes x {per_class}, step {step})")
     return 0
+
+
+FID_FLAGS = ("num_samples", "sampler", "steps", "guidance", "features", "reference",
+             "inception_weights", "batch_size")
+
+
+def _fid(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from ddp_diffusion import distributed
+    from ddp_diffusion.fid import evaluate
+    from ddp_diffusion.sample import load_run
+
+    env = distributed.init()
+    try:
+        cfg, denoiser, diffusion, step = load_run(Path(args.run), args.checkpoint and
+                                                  Path(args.checkpoint), not args.no_ema,
+                                                  env.device)
+        fc = dataclasses.replace(cfg.fid, **{k: getattr(args, k) for k in FID_FLAGS
+                                             if getattr(args, k) is not None})
+        if args.eta is not None:
+            cfg.sample.eta = args.eta
+        result = {"run": args.run, "checkpoint": args.checkpoint, "step": step,
+                  **evaluate(denoiser, diffusion, cfg, fc, args.seed, args.precision)}
+        if env.is_main:
+            text = json.dumps(result, indent=2)
+            print(text)
+            if args.out:
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(text + "\n")
+        return 0
+    finally:
+        distributed.shutdown()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +118,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
     p.add_argument("--out", required=True, help="output PNG path")
     p.set_defaults(func=_sample)
+
+    p = sub.add_parser(
+        "fid", help="FID and class accuracy of generated images (single process or torchrun)",
+        description="FID against real Fashion-MNIST statistics (cached). Defaults: the run's "
+                    "fid.* config, except --num-samples 10000.")
+    # torchrun's own parser rejects a later '--run' (ambiguous with its --run-path): use
+    # --run-dir under torchrun.
+    p.add_argument("--run", "--run-dir", dest="run", required=True,
+                   help="run directory (its out_dir); --run-dir under torchrun")
+    p.add_argument("--checkpoint", help="checkpoint file (default: newest in RUN/checkpoints)")
+    p.add_argument("--num-samples", type=int, default=10000)
+    p.add_argument("--sampler", choices=("ddpm", "ddim"))
+    p.add_argument("--steps", type=int, help="sampling steps")
+    p.add_argument("--guidance", type=float, help="CFG scale g: (1+g)*cond - g*uncond")
+    p.add_argument("--eta", type=float, help="DDIM eta (default: config sample.eta)")
+    p.add_argument("--features", choices=("fashion", "inception"))
+    p.add_argument("--reference", choices=("train", "test"), help="real split")
+    p.add_argument("--inception-weights", help="local weights-inception-2015-12-05-6726825d.pth")
+    p.add_argument("--batch-size", type=int, help="images per generation chunk")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
+    p.add_argument("--out", help="also write the JSON result here")
+    p.set_defaults(func=_fid)
+
+    p = sub.add_parser(
+        "submit", help="submit training to SLURM through submitit (requeues on preemption)",
+        description="Submit training to SLURM. Config and overrides as for `train`.")
+    p.add_argument("--config", help="YAML config (defaults when omitted)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=0, help="also the tasks per node")
+    p.add_argument("--tasks-per-node", type=int, default=0,
+                   help="training processes per node (default: GPUs per node, or 1)")
+    p.add_argument("--cpus-per-task", type=int)
+    p.add_argument("--partition")
+    p.add_argument("--account")
+    p.add_argument("--qos")
+    p.add_argument("--time", default="24:00:00", help="time limit, e.g. 90, 4:00:00, 2-00:00")
+    p.add_argument("--mem", help="memory per node, e.g. 64G")
+    p.add_argument("--constraint")
+    p.add_argument("--exclude", help="nodes to avoid")
+    p.add_argument("--job-name", default="ddp-diffusion")
+    p.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra sbatch parameter (repeatable), e.g. mail-type=END or exclusive")
+    p.add_argument("--folder", help="submitit folder for logs and pickles "
+                                    "(default: OUT_DIR/slurm)")
+    p.add_argument("--local", action="store_true", help="run here with submitit's local executor")
+    p.add_argument("--signal-delay", type=int, default=120, metavar="SECONDS",
+                   help="USR2 this long before the time limit, to checkpoint and requeue")
+    p.add_argument("--max-requeues", type=int, default=10,
+                   help="how often the job may requeue itself after a stop signal")
+    p.set_defaults(func=_submit)
     return parser
 
 

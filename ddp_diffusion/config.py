@@ -84,6 +84,19 @@ class SampleConfig:
 
 
 @dataclass
+class FidConfig:
+    every: int = 0  # in training: FID with the EMA weights every N steps, on all ranks (0 = off)
+    num_samples: int = 2000  # generated images per evaluation (the fid command: 10000)
+    sampler: str = "ddim"  # ddpm | ddim (eta: sample.eta)
+    steps: int = 50
+    guidance: float = 2.0
+    features: str = "fashion"  # fashion (shipped classifier) | inception (torchmetrics 2048-d)
+    reference: str = "train"  # real images: train (60k) | test (10k)
+    inception_weights: str | None = None  # local weights-inception-2015-12-05-6726825d.pth
+    batch_size: int = 250  # images per generation chunk; the sample set depends on it
+
+
+@dataclass
 class TrackingConfig:
     wandb: str = "offline"  # offline | online | disabled
     project: str = "ddp-diffusion"
@@ -99,6 +112,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    fid: FidConfig = field(default_factory=FidConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     out_dir: str = "runs/default"
     seed: int = 0
@@ -111,6 +125,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.lr_schedule": ("constant", "cosine"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "sample.sampler": ("ddpm", "ddim"),
+    "fid.sampler": ("ddpm", "ddim"),
+    "fid.features": ("fashion", "inception"),
+    "fid.reference": ("train", "test"),
     "tracking.wandb": ("offline", "online", "disabled"),
 }
 

@@ -1,0 +1,239 @@
+"""FID with torchmetrics: feature extractors, cached reference statistics, distributed sampling.
+
+The generated set is split into fixed chunks of ``batch_size`` images; chunk c has the labels
+``range(c*B, (c+1)*B) % num_classes`` and the seed ``(seed, c)``, and rank r draws the chunks
+r, r+W, r+2W, ... So the whole sample set is the same for any world size W. Every rank updates
+its torchmetrics ``FrechetInceptionDistance`` with its images and every rank calls
+``compute()``, which sums the metric's statistics over ranks (a collective). The reference
+(real) statistics are loaded on rank 0 only, so the summed statistics equal those of one
+process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import pickle
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+
+from ddp_diffusion import distributed
+from ddp_diffusion.classifier import FashionClassifier, load_classifier, to_uint8
+from ddp_diffusion.config import Config, FidConfig, UserError
+from ddp_diffusion.data import derive_seed, load_split
+from ddp_diffusion.diffusion import ConditionalDenoiser, Diffusion
+from ddp_diffusion.sample import generate
+
+log = logging.getLogger("ddp_diffusion")
+
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                 + INCEPTION_FILE)
+REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
+
+
+class FashionFeatures(nn.Module):
+    """The shipped classifier's penultimate features of uint8 (N, 1, 32, 32) images."""
+
+    def __init__(self, classifier: FashionClassifier) -> None:
+        super().__init__()
+        self.classifier = classifier.eval()
+        self.num_features = classifier.num_features
+
+    def train(self, mode: bool = True) -> FashionFeatures:
+        """Stay in eval mode (BatchNorm running statistics, no dropout)."""
+        return super().train(False)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.classifier.features(images)
+
+
+class InceptionFeatures(nn.Module):
+    """torchmetrics' 2048-d InceptionV3 (torch-fidelity weights) with greyscale as 3 channels."""
+
+    num_features = 2048
+
+    def __init__(self, weights: Path) -> None:
+        super().__init__()
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        # torch-fidelity loads the file with weights_only=False: check it holds only tensors.
+        try:
+            torch.load(weights, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+            raise UserError(f"{weights} is not a loadable weights file "
+                            f"({str(e).splitlines()[0]}); download it again from "
+                            f"{INCEPTION_URL}") from None
+        try:
+            self.inception = NoTrainInceptionV3(name="inception-v3-compat",
+                                                features_list=[str(self.num_features)],
+                                                feature_extractor_weights_path=str(weights))
+        except RuntimeError as e:
+            raise UserError(f"{weights} does not hold InceptionV3 FID weights "
+                            f"({str(e).splitlines()[0]})") from None
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.inception(images.expand(-1, 3, -1, -1))
+
+
+def inception_weights(path: str | Path | None) -> Path:
+    """The InceptionV3 weights file: PATH, or the torch hub cache (downloaded when online)."""
+    if path:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise UserError(f"fid.inception_weights: {p} does not exist; download {INCEPTION_URL}")
+        return p
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    if not cached.is_file():
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(INCEPTION_URL, str(cached), progress=False)
+        except OSError as e:
+            raise UserError(
+                f"--features inception needs the InceptionV3 weights {INCEPTION_FILE}, which are "
+                f"not in {cached.parent} and could not be downloaded ({type(e).__name__}): fetch "
+                f"{INCEPTION_URL} on a machine with internet and copy it to {cached}, or pass "
+                "its path with --inception-weights PATH (config: fid.inception_weights)") from None
+    return cached
+
+
+def build_extractor(features: str, weights: str | Path | None = None) -> nn.Module:
+    """The feature module torchmetrics gets through `feature=`: 'fashion' or 'inception'."""
+    if features == "fashion":
+        return FashionFeatures(load_classifier())
+    if features == "inception":
+        return InceptionFeatures(inception_weights(weights))
+    raise UserError(f"unknown FID features {features!r}; use fashion or inception")
+
+
+def checksum(module: nn.Module) -> str:
+    """SHA-256 of a module's state dict (names, dtypes, shapes and values)."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def new_metric(extractor: nn.Module) -> FrechetInceptionDistance:
+    """torchmetrics' FID on a custom extractor; it keeps the real statistics across resets."""
+    metric = FrechetInceptionDistance(feature=extractor, reset_real_features=False)
+    return metric.to(next(extractor.parameters()).device)
+
+
+@dataclass
+class Reference:
+    """Sufficient statistics of the real images of one split, as torchmetrics accumulates them."""
+
+    states: dict[str, Tensor]
+    path: Path
+    cached: bool  # loaded from disk, not computed
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.states["real_features_num_samples"])
+
+
+def reference_stats(extractor: nn.Module, split: str, data_root: str | Path,
+                    debian_dir: str | Path = "", download: bool = False,
+                    batch_size: int = 500) -> Reference:
+    """Real statistics of a split, cached under DATA_ROOT/fid_reference/ by data and extractor."""
+    if split not in ("train", "test"):
+        raise UserError(f"unknown FID reference {split!r}; use train or test")
+    images, _ = load_split(data_root, train=split == "train", debian_dir=debian_dir,
+                           download=download)
+    key = hashlib.sha256(f"{split}:{checksum(extractor)}:".encode()
+                         + hashlib.sha256(images.numpy().tobytes()).digest()).hexdigest()
+    path = Path(data_root) / "fid_reference" / f"{split}-{key[:24]}.pt"
+    if path.is_file():
+        try:
+            states = torch.load(path, map_location="cpu", weights_only=True)
+            return Reference(states, path, cached=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError):
+            log.warning("FID reference cache %s is unreadable; recomputing it", path)
+    metric = new_metric(extractor)
+    device = metric.device
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            metric.update(to_uint8(images[i:i + batch_size]).to(device), real=True)
+    states = {k: getattr(metric, k).cpu() for k in REAL_STATES}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(states, tmp)
+    tmp.replace(path)  # atomic: concurrent runs never read half a file
+    log.info("FID reference statistics of %d %s images cached in %s", len(images), split, path)
+    return Reference(states, path, cached=False)
+
+
+def set_reference(metric: FrechetInceptionDistance, states: dict[str, Tensor]) -> None:
+    """Put real statistics into a metric (only on rank 0: compute() sums them over ranks)."""
+    for k in REAL_STATES:
+        setattr(metric, k, states[k].clone().to(metric.device))
+
+
+def chunk_labels(chunk: int, batch_size: int, num_samples: int, num_classes: int) -> Tensor:
+    """Labels of one generation chunk: sample i asks for class i % num_classes."""
+    lo = chunk * batch_size
+    return torch.arange(lo, min(lo + batch_size, num_samples)) % num_classes
+
+
+def evaluate(denoiser: ConditionalDenoiser, diffusion: Diffusion, cfg: Config, fc: FidConfig,
+             seed: int, precision: str = "fp32") -> dict[str, Any]:
+    """FID and class accuracy of fc.num_samples generated images; call it on every rank."""
+    if fc.num_samples < 2 or fc.batch_size < 1:
+        raise UserError("FID needs fid.num_samples >= 2 and fid.batch_size >= 1")
+    if not 1 <= fc.steps <= diffusion.num_timesteps:
+        raise UserError(f"sampling steps must be in 1..{diffusion.num_timesteps}, got {fc.steps}")
+    start = time.perf_counter()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = next(denoiser.parameters()).device
+    extractor = build_extractor(fc.features, fc.inception_weights).to(device)
+    classifier = (extractor.classifier if isinstance(extractor, FashionFeatures)
+                  else load_classifier().to(device))
+    metric = new_metric(extractor)
+    ref = None
+    if rank == 0:
+        ref = reference_stats(extractor, fc.reference, cfg.data.root, cfg.data.debian_dir,
+                              cfg.data.download)
+        set_reference(metric, ref.states)
+
+    t0 = time.perf_counter()
+    counts = torch.zeros(2, dtype=torch.float64, device=device)  # correct, total
+    digests: dict[int, str] = {}
+    for chunk in range(rank, math.ceil(fc.num_samples / fc.batch_size), world):
+        labels = chunk_labels(chunk, fc.batch_size, fc.num_samples, cfg.model.num_classes)
+        labels = labels.to(device)
+        images = generate(denoiser, diffusion, labels, fc.sampler, fc.steps, fc.guidance,
+                          seed=derive_seed(seed, "fid", chunk), eta=cfg.sample.eta,
+                          precision=precision, image_size=cfg.model.image_size)
+        pixels = to_uint8(images)
+        digests[chunk] = hashlib.sha256(pixels.cpu().numpy().tobytes()).hexdigest()
+        with torch.no_grad():
+            metric.update(pixels, real=False)
+            counts += torch.stack([(classifier(pixels).argmax(1) == labels).sum().double(),
+                                   torch.tensor(len(labels), dtype=torch.float64, device=device)])
+    counts = distributed.mean_across_ranks(counts)  # all ranks finished generating here
+    gen_s = time.perf_counter() - t0
+    fid = float(metric.compute())  # a collective: sums the statistics over ranks
+    all_digests = {k: v for d in distributed.all_gather_objects(digests) for k, v in d.items()}
+    joined = "".join(all_digests[c] for c in sorted(all_digests))
+    return {
+        "fid": fid, "class_accuracy": float(counts[0] / counts[1]),
+        "num_samples": fc.num_samples, "features": fc.features, "reference": fc.reference,
+        "reference_samples": ref.num_samples if ref else None,
+        "reference_cached": ref.cached if ref else None,
+        "sampler": fc.sampler, "steps": fc.steps, "guidance": fc.guidance,
+        "eta": cfg.sample.eta, "seed": seed, "batch_size": fc.batch_size, "world_size": world,
+        "precision": precision, "samples_per_s": fc.num_samples / gen_s,
+        "wall_s": time.perf_counter() - start,
+        "samples_sha256": hashlib.sha256(joined.encode()).hexdigest(),
+    }

@@ -1,0 +1,271 @@
+"""FID: real vs real/noise, an independent scipy check, world-size invariance under torchrun,
+the reference cache, the shipped classifier, in-training FID, and the Inception paths."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import (
+    DEBIAN_DIR,
+    REPO,
+    TINY,
+    cli_env,
+    make_dataset,
+    run_cli,
+    run_torchrun,
+    synthetic_split,
+)
+from scipy import linalg
+
+from ddp_diffusion import classifier, fid
+from ddp_diffusion.classifier import accuracy, card, load_classifier, to_uint8
+from ddp_diffusion.config import UserError
+from ddp_diffusion.data import load_split
+
+FID_ARGS = ["--num-samples", "40", "--batch-size", "8", "--sampler", "ddim", "--steps", "5",
+            "--guidance", "2.0", "--reference", "train"]
+
+
+@pytest.fixture(scope="module")
+def fashion() -> torch.nn.Module:
+    return fid.build_extractor("fashion")
+
+
+@pytest.fixture(scope="module")
+def real_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data root with the real Fashion-MNIST, prepared from Debian's package."""
+    if not (DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"real Fashion-MNIST absent: apt-get install dataset-fashion-mnist "
+                    f"(expected in {DEBIAN_DIR})")
+    root = tmp_path_factory.mktemp("real_data")
+    load_split(root, train=True, debian_dir=DEBIAN_DIR)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny 10-step run that also evaluated FID in training at steps 5 and 10."""
+    out = tmp_path_factory.mktemp("fid") / "run"
+    run_cli("train", *TINY, f"out_dir={out}", f"data.root={tiny_data}", "train.max_steps=10",
+            "fid.every=5", "fid.num_samples=20", "fid.batch_size=10", "fid.steps=3")
+    return out
+
+
+def _fid(extractor: torch.nn.Module, states: dict[str, torch.Tensor], fake: torch.Tensor
+         ) -> float:
+    metric = fid.new_metric(extractor)
+    fid.set_reference(metric, states)
+    for i in range(0, len(fake), 500):
+        metric.update(fake[i:i + 500], real=False)
+    return float(metric.compute())
+
+
+def test_real_vs_real_is_small_and_noise_vs_real_is_large(real_root: Path,
+                                                          fashion: torch.nn.Module) -> None:
+    ref = fid.reference_stats(fashion, "test", real_root, DEBIAN_DIR)
+    assert ref.num_samples == 10000
+    train_images, _ = load_split(real_root, train=True)
+    real = to_uint8(train_images[torch.randperm(60000, generator=torch.Generator().manual_seed(0))
+                                 [:3000]])
+    noise = torch.randint(0, 256, real.shape, dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(0))
+    blank = torch.zeros_like(real)
+    blank[:, :, 8:24, 8:24] = 200  # a grey square: no garment
+    fid_real, fid_noise, fid_blank = (_fid(fashion, ref.states, x) for x in (real, noise, blank))
+    assert fid_real < 1.0, fid_real
+    assert fid_noise > 100 * fid_real and fid_blank > 100 * fid_real, (fid_noise, fid_blank)
+
+
+# Dead ReLU units make the covariances singular; sqrtm warns but is accurate here.
+@pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")
+def test_fid_equals_independent_scipy_computation(fashion: torch.nn.Module) -> None:
+    a = torch.from_numpy(synthetic_split(1500, 3)[0])
+    b = torch.from_numpy(synthetic_split(1500, 4)[0]).roll(3, dims=-1)  # bars moved right
+    metric = fid.new_metric(fashion)
+    metric.update(to_uint8(a), real=True)
+    metric.update(to_uint8(b), real=False)
+    ours = float(metric.compute())
+    with torch.no_grad():
+        fa, fb = (fashion(to_uint8(x)).double().numpy() for x in (a, b))
+    mu_a, mu_b = fa.mean(0), fb.mean(0)
+    cov_a, cov_b = np.cov(fa, rowvar=False), np.cov(fb, rowvar=False)
+    root = linalg.sqrtm(cov_a @ cov_b).real
+    expected = float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
+    assert expected > 1.0  # a real difference, not two near-zero numbers
+    assert ours == pytest.approx(expected, rel=1e-4)
+
+
+def test_reference_cache_is_reused_and_keyed_by_extractor(tmp_path: Path,
+                                                          fashion: torch.nn.Module) -> None:
+    root = make_dataset(tmp_path / "data", n_train=300, n_test=60)
+    first = fid.reference_stats(fashion, "train", root)
+    assert not first.cached and first.path.is_file() and first.num_samples == 300
+    mtime = first.path.stat().st_mtime_ns
+    again = fid.reference_stats(fashion, "train", root)
+    assert again.cached and again.path == first.path
+    assert first.path.stat().st_mtime_ns == mtime  # not rewritten
+    for k, v in first.states.items():
+        assert torch.equal(again.states[k], v), k
+    test_split = fid.reference_stats(fashion, "test", root)
+    assert not test_split.cached and test_split.num_samples == 60
+
+    changed = copy.deepcopy(fashion)
+    with torch.no_grad():
+        changed.classifier.body[0].weight[0, 0, 0, 0] += 0.5
+    assert fid.checksum(changed) != fid.checksum(fashion)
+    other = fid.reference_stats(changed, "train", root)
+    assert not other.cached and other.path != first.path
+    assert not torch.equal(other.states["real_features_sum"], first.states["real_features_sum"])
+    assert sorted(p.name for p in (root / "fid_reference").iterdir()) == sorted(
+        p.name for p in (first.path, test_split.path, other.path))
+
+
+def test_classifier_accuracy_matches_the_shipped_number(real_root: Path) -> None:
+    shipped = card()
+    images, labels = load_split(real_root, train=False)
+    acc = accuracy(load_classifier(), images, labels)
+    assert shipped["test_accuracy"] >= 0.93
+    # Thread counts change float rounding: allow a handful of the 10k predictions to flip.
+    assert acc == pytest.approx(shipped["test_accuracy"], abs=5e-4)
+
+
+def test_classifier_checksum_is_verified(tmp_path: Path) -> None:
+    data = bytearray(classifier.WEIGHTS.read_bytes())
+    assert classifier.sha256_file(classifier.WEIGHTS) == card()["sha256"]
+    data[-100] ^= 1
+    bad = tmp_path / "classifier.pt"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"have SHA-256 \w+, expected \w+: the file is corrupt"):
+        load_classifier(bad)
+
+
+def test_fid_cli_writes_json_and_in_training_fid_is_logged(trained_run: Path,
+                                                           tmp_path: Path) -> None:
+    records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text()
+               .splitlines()]
+    fid_records = [r for r in records if "fid" in r]
+    assert [r["step"] for r in fid_records] == [5, 10]
+    assert all(r["fid"] > 0 and 0 <= r["class_accuracy"] <= 1 for r in fid_records)
+
+    out = tmp_path / "result.json"
+    proc = run_cli("fid", "--run", str(trained_run), *FID_ARGS, "--seed", "1", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert json.loads(proc.stdout) == result
+    assert result["step"] == 10 and result["num_samples"] == 40 and result["world_size"] == 1
+    assert result["features"] == "fashion" and result["reference_samples"] == 160
+    assert result["fid"] > 0 and result["samples_per_s"] > 0 and result["wall_s"] > 0
+    assert result["class_accuracy"] in {k / 40 for k in range(41)}
+    other = json.loads(run_cli("fid", "--run", str(trained_run), *FID_ARGS, "--seed", "2")
+                       .stdout)
+    assert other["reference_cached"]  # the first run cached the statistics
+    assert other["samples_sha256"] != result["samples_sha256"]  # another seed, other images
+    assert other["fid"] != result["fid"]
+
+
+@pytest.mark.slow
+def test_same_samples_and_fid_for_world_size_1_and_2(trained_run: Path) -> None:
+    one = json.loads(run_cli("fid", "--run", str(trained_run), *FID_ARGS).stdout)
+    # torchrun's parser takes '--run' for its --run-path: the alias --run-dir avoids that.
+    two = json.loads(run_torchrun(2, "fid", "--run-dir", str(trained_run), *FID_ARGS).stdout)
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert two["samples_sha256"] == one["samples_sha256"]
+    assert two["class_accuracy"] == one["class_accuracy"]
+    # Statistics summed in another order: float64 rounding, then FID is returned as float32.
+    assert two["fid"] == pytest.approx(one["fid"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_in_training_fid_under_torchrun_matches_one_process(trained_run: Path, tiny_data: Path,
+                                                             tmp_path: Path) -> None:
+    out = tmp_path / "two"
+    run_torchrun(2, "train", *TINY, f"out_dir={out}", f"data.root={tiny_data}",
+                 "train.max_steps=5", "fid.every=5", "fid.num_samples=20", "fid.batch_size=10",
+                 "fid.steps=3")  # all ranks evaluate; a rank-0-only FID would hang here
+    two = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    one = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    fid_two = next(r for r in two if "fid" in r)
+    fid_one = next(r for r in one if "fid" in r and r["step"] == 5)
+    # DDP and one process reach the same weights up to float rounding (see test_distributed).
+    assert fid_two["step"] == 5 and fid_two["fid"] == pytest.approx(fid_one["fid"], rel=1e-3)
+    assert fid_two["class_accuracy"] == pytest.approx(fid_one["class_accuracy"], abs=0.051)
+
+
+def test_missing_inception_weights_offline_is_one_clear_line(trained_run: Path,
+                                                             tmp_path: Path) -> None:
+    # No network here; a proxy that refuses connections makes that certain on any machine.
+    env = cli_env()
+    env.update({"TORCH_HOME": str(tmp_path / "torch"), "https_proxy": "http://127.0.0.1:9",
+                "HTTPS_PROXY": "http://127.0.0.1:9", "no_proxy": "", "NO_PROXY": ""})
+    proc = subprocess.run([sys.executable, "-m", "ddp_diffusion", "fid", "--run",
+                           str(trained_run), "--features", "inception", "--num-samples", "4"],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert proc.returncode == 2
+    target = tmp_path / "torch" / "hub" / "checkpoints" / fid.INCEPTION_FILE
+    assert proc.stderr.strip() == (
+        "error: --features inception needs the InceptionV3 weights "
+        "weights-inception-2015-12-05-6726825d.pth, which are not in "
+        f"{target.parent} and could not be downloaded (URLError): fetch "
+        "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+        f"weights-inception-2015-12-05-6726825d.pth on a machine with internet and copy it to "
+        f"{target}, or pass its path with --inception-weights PATH (config: "
+        "fid.inception_weights)")
+
+
+def _random_inception_state_dict() -> dict[str, torch.Tensor]:
+    """InceptionV3 FID weights with PyTorch's default random init (the real ones need network).
+
+    torch-fidelity's constructor builds every layer and then loads weights; given an empty file
+    the load fails, and the half-built module still holds all layers, randomly initialised.
+    """
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    module = FeatureExtractorInceptionV3.__new__(FeatureExtractorInceptionV3)
+    with pytest.raises(Exception):  # noqa: B017  (whatever torch.load raises on an empty file)
+        module.__init__("inception-v3-compat", ["2048"],
+                        feature_extractor_weights_path="/dev/null")
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def test_inception_features_load_a_local_state_dict(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """There is no network here, so the real weights cannot be fetched: this tests the plumbing
+    (path and hub-cache lookup, safe loading, greyscale to RGB, 2048-d features, FID) with a
+    locally saved, randomly initialised InceptionV3 state dict."""
+    state = _random_inception_state_dict()
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / fid.INCEPTION_FILE
+    cached.parent.mkdir(parents=True)
+    torch.save(state, cached)
+    assert fid.inception_weights(None) == cached  # found in the hub cache, no download
+    extractor = fid.build_extractor("inception")
+    assert isinstance(extractor, fid.InceptionFeatures)
+    loaded = extractor.inception.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+    images = to_uint8(torch.from_numpy(synthetic_split(6, 0)[0]))
+    with torch.no_grad():
+        feats = extractor(images)
+        rgb = extractor.inception(images.repeat(1, 3, 1, 1))
+    assert feats.shape == (6, 2048) and torch.isfinite(feats).all() and torch.equal(feats, rgb)
+    metric = fid.new_metric(extractor)
+    metric.update(images[:3], real=True)
+    metric.update(images[3:], real=False)
+    assert torch.isfinite(metric.compute())
+
+    with pytest.raises(UserError, match="does not exist"):
+        fid.inception_weights(tmp_path / "missing.pth")
+    bad = tmp_path / "crafted.pth"
+    torch.save({"payload": _Payload()}, bad)  # not plain tensors: refused, never unpickled
+    with pytest.raises(UserError, match="is not a loadable weights file"):
+        fid.build_extractor("inception", bad)
+
+
+class _Payload:
+    """An arbitrary Python object: weights_only loading must refuse it."""
