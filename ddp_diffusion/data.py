@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ def prepare(root: str | Path, debian_dir: str | Path, download: bool) -> None:
     if all((debian / f"{name}.gz").is_file() for name in RAW_FILES):
         target.mkdir(parents=True, exist_ok=True)
         for name in RAW_FILES:
-            tmp = target / f"{name}.tmp"
+            tmp = target / f".{name}.tmp-{os.getpid()}"  # ranks may prepare concurrently
             with gzip.open(debian / f"{name}.gz", "rb") as src, tmp.open("wb") as dst:
                 shutil.copyfileobj(src, dst)
             tmp.replace(target / name)  # atomic: a crash never leaves a half-written IDX file

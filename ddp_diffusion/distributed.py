@@ -66,7 +66,14 @@ def init(num_threads: int = 0) -> DistEnv:
     if env.distributed:
         env.backend = "nccl" if env.device.type == "cuda" else "gloo"
         if not dist.is_initialized():
-            dist.init_process_group(env.backend, timeout=datetime.timedelta(minutes=30),
+            timeout = datetime.timedelta(minutes=30)
+            store, _, _ = next(dist.rendezvous("env://", env.rank, env.world_size,
+                                               timeout=timeout))
+            # torchrun --max-restarts keeps its store across restarts: without a per-attempt
+            # prefix the restarted ranks read the dead ranks' gloo addresses and cannot connect.
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            dist.init_process_group(env.backend, store=dist.PrefixStore(f"attempt{attempt}", store),
+                                    rank=env.rank, world_size=env.world_size, timeout=timeout,
                                     device_id=env.device if env.backend == "nccl" else None)
         # Control-plane collectives (stop flags, RNG states) go over gloo on the CPU, so agreeing
         # on a stop never needs a GPU stream sync of its own.
