@@ -1,4 +1,4 @@
-"""The `ddp-diffusion` command: train, sample."""
+"""The `ddp-diffusion` command: train, sample, fid, submit."""
 
 from __future__ import annotations
 
