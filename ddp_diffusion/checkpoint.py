@@ -43,22 +43,27 @@ def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save(state: dict[str, Any], ckpt_dir: Path, step: int, keep_last: int,
-         milestone_every: int = 0) -> Path:
-    """Write atomically (tmp, flush, fsync, rename, fsync dir), then prune old checkpoints."""
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    final = path_for(ckpt_dir, step)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+def write_atomic(obj: dict[str, Any], path: Path) -> Path:
+    """torch.save to a temp file beside `path`, flush, fsync, rename, fsync the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with tmp.open("wb") as f:
-        torch.save(state, f)
+        torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, final)
-    dir_fd = os.open(ckpt_dir, os.O_RDONLY)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+    return path
+
+
+def save(state: dict[str, Any], ckpt_dir: Path, step: int, keep_last: int,
+         milestone_every: int = 0) -> Path:
+    """Write a checkpoint atomically, then prune old checkpoints."""
+    final = write_atomic(state, path_for(ckpt_dir, step))
     _prune(ckpt_dir, keep_last, milestone_every)
     return final
 

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from ddp_diffusion import distributed
+from ddp_diffusion import checkpoint, distributed
 from ddp_diffusion.classifier import FashionClassifier, load_classifier, to_uint8
 from ddp_diffusion.config import Config, FidConfig, UserError
 from ddp_diffusion.data import derive_seed, load_split
@@ -166,10 +166,7 @@ def reference_stats(extractor: nn.Module, split: str, data_root: str | Path,
         for i in range(0, len(images), batch_size):
             metric.update(to_uint8(images[i:i + batch_size]).to(device), real=True)
     states = {k: getattr(metric, k).cpu() for k in REAL_STATES}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(states, tmp)
-    tmp.replace(path)  # atomic: concurrent runs never read half a file
+    checkpoint.write_atomic(states, path)  # concurrent runs never read half a file
     log.info("FID reference statistics of %d %s images cached in %s", len(images), split, path)
     return Reference(states, path, cached=False)
 
