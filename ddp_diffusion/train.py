@@ -284,8 +284,7 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest) -> int:
                 log.warning("stopped by %s at step %d after saving a checkpoint; exit code %d "
                             "(run the same command again to resume)", name, step, EXIT_PREEMPTED)
                 return EXIT_PREEMPTED
-        if step >= tc.max_steps and env.is_main:
-            log.info("done: step %d, %d images; checkpoints in %s", step, images_seen, ckpt_dir)
+        log.info("done: step %d, %d images; checkpoints in %s", step, images_seen, ckpt_dir)
         return EXIT_OK
     finally:
         progress.close()
