@@ -60,6 +60,10 @@ def init(num_threads: int = 0) -> DistEnv:
     if torch.cuda.is_available():
         env.device = torch.device("cuda", env.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(env.device)
+        # TF32 for fp32 matmuls and convolutions, and cuDNN autotuning: shapes never change.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
     else:
         threads = num_threads or max(1, available_cpus() // env.local_world_size)
         torch.set_num_threads(threads)

@@ -193,6 +193,7 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest) -> int:
     norm_acc = torch.zeros((), device=env.device)
     logged_steps, nonfinite_streak, nonfinite_total = 0, 0, 0
     t_last, step_last = time.perf_counter(), step
+    deadline = t_last + 60 * tc.time_limit_minutes if tc.time_limit_minutes > 0 else math.inf
     memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
     model.train()
     try:
@@ -219,9 +220,11 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest) -> int:
             params = [p for p in model.parameters() if p.grad is not None]
             grad_norm = (torch.nn.utils.clip_grad_norm_(params, tc.grad_clip) if tc.grad_clip > 0
                          else torch.nn.utils.get_total_norm([p.grad for p in params]))
-            # One tiny CPU collective per step: did any rank get a stop signal or a non-finite loss?
-            stop_now, bad = distributed.agree_any([stop.requested,
-                                                   not bool(torch.isfinite(step_loss))])
+            # One tiny CPU collective per step: did any rank get a stop signal, run out of time
+            # or see a non-finite loss?
+            stop_now, time_up, bad = distributed.agree_any([
+                stop.requested, time.perf_counter() > deadline,
+                not bool(torch.isfinite(step_loss))])
             step += 1
             images_seen += tc.batch_size
             if bad:
@@ -275,7 +278,7 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest) -> int:
 
                 fid = evaluate(ema.module, diffusion, cfg, cfg.fid, cfg.seed, precision)
                 tracker.log(step, {k: fid[k] for k in ("fid", "class_accuracy")})
-            if stop_now or step % tc.ckpt_every == 0 or step == tc.max_steps:
+            if stop_now or time_up or step % tc.ckpt_every == 0 or step == tc.max_steps:
                 path = save_checkpoint()
                 if path is not None:
                     log.info("step %d: checkpoint %s", step, path)
@@ -284,6 +287,10 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest) -> int:
                 log.warning("stopped by %s at step %d after saving a checkpoint; exit code %d "
                             "(run the same command again to resume)", name, step, EXIT_PREEMPTED)
                 return EXIT_PREEMPTED
+            if time_up:
+                log.info("train.time_limit_minutes=%g reached at step %d; checkpoint saved",
+                         tc.time_limit_minutes, step)
+                return EXIT_OK
         log.info("done: step %d, %d images; checkpoints in %s", step, images_seen, ckpt_dir)
         return EXIT_OK
     finally:
