@@ -48,9 +48,10 @@ def ours_command(data_root: str, out: Path, overrides: list[str]) -> list[str]:
 def calibrate(data_root: str, work: Path, steps: int = 12) -> float:
     """Median seconds per step of our recipe, from a short run's metrics.jsonl."""
     out = work / "calibration"
-    subprocess.run(ours_command(data_root, out, [f"train.max_steps={steps}", "train.log_every=1",
-                                                 "train.resume=never", f"train.ckpt_every={10**9}"]),
-                   check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    overrides = [f"train.max_steps={steps}", "train.log_every=1", "train.resume=never",
+                 f"train.ckpt_every={10**9}"]
+    subprocess.run(ours_command(data_root, out, overrides), check=True, cwd=REPO,
+                   stdout=subprocess.DEVNULL)
     batch = config.load(RECIPE).train.batch_size
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return statistics.median(batch / r["images_per_s"] for r in records[2:])  # skip warm-up

@@ -126,7 +126,7 @@ def run_variant(name: str, spec: tuple[Path, list[str], int], args: argparse.Nam
         launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
                      f"--nproc_per_node={ranks}", "-m", "ddp_diffusion"] if ranks > 1
                     else [sys.executable, "-m", "ddp_diffusion"])
-        cmd = launcher + ["train", "--config", str(cfg_path), *overrides,
+        cmd = [*launcher, "train", "--config", str(cfg_path), *overrides,
                           f"out_dir={out}", f"data.root={args.data_root}",
                           f"train.max_steps={total}", "train.log_every=1",
                           "train.sample_every=0", f"train.ckpt_every={10**9}",
