@@ -105,7 +105,8 @@ def evaluate_runs(args: argparse.Namespace) -> None:
             cfg.data.root = args.data_root
             fc = dataclasses.replace(cfg.fid, num_samples=args.num_samples, sampler="ddim",
                                      steps=args.steps, guidance=args.guidance,
-                                     features="fashion", reference="train")
+                                     features="fashion", reference="train",
+                                     batch_size=args.batch_size)
             precision = resolve_precision(args.precision, env.device)
             row = evaluate(denoiser, diffusion, cfg, fc, args.seed, precision)
             row.update(run=name, model=cfg.model.name, train_steps=step,
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--steps", type=int, default=50)
     e.add_argument("--guidance", type=float, default=2.0)
     e.add_argument("--precision", default="auto")
+    e.add_argument("--batch-size", type=int, default=250, help="images per generation chunk")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", default=str(REPO / "docs"))
     args = p.parse_args(argv)

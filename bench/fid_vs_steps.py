@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw
 from ddp_diffusion import distributed
 from ddp_diffusion.fid import evaluate
 from ddp_diffusion.model import count_parameters
-from ddp_diffusion.sample import load_run
+from ddp_diffusion.sample import load_run, resolve_precision
 
 GRID = [("ddpm", 1000), ("ddpm", 250), ("ddim", 100), ("ddim", 50), ("ddim", 25), ("ddim", 10)]
 GUIDANCES = [0.0, 1.0, 2.0, 4.0]
@@ -75,7 +75,9 @@ def report(rows: list[dict[str, Any]], about: dict[str, Any], png: Path) -> str:
     lines = [
         "# Evaluation: FID and class accuracy vs sampling steps and guidance", "",
         f"Written by `bench/fid_vs_steps.py` on {about['date']} ({about['device']}, world size "
-        f"{rows[0]['world_size']}{', **quick mode**' if about['quick'] else ''}).", "",
+        f"{rows[0]['world_size']}, sampling in {rows[0]['precision']}"
+        f"{', **quick mode**' if about['quick'] else ''}).", "",
+        *([about["note"], ""] if about["note"] else []),
         f"- model: run `{about['run']}`, {about['model']} with {about['params']:.2f}M "
         f"parameters, EMA weights of step {about['step']} ({about['images']:,} training "
         f"images, global batch {about['batch']})",
@@ -98,6 +100,7 @@ def main() -> None:
     parser.add_argument("--run", required=True, help="run directory")
     parser.add_argument("--checkpoint", help="default: newest in RUN/checkpoints")
     parser.add_argument("--num-samples", type=int, help="default 10000 (quick: 200)")
+    parser.add_argument("--data-root", help="where the real images are (default: the run's)")
     parser.add_argument("--features", choices=("fashion", "inception"), default="fashion")
     parser.add_argument("--reference", choices=("train", "test"), default="train")
     parser.add_argument("--batch-size", type=int, default=250)
@@ -105,41 +108,50 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"only {QUICK_GRID} at guidance {QUICK_GUIDANCES}")
     parser.add_argument("--out-dir", default="docs")
+    parser.add_argument("--note", default="", help="a line for the page, e.g. how the model "
+                        "was trained")
+    parser.add_argument("--precision", default="auto", help="sampling precision (auto: bf16 on "
+                        "GPUs with native bf16, else fp32)")
     args = parser.parse_args()
 
     env = distributed.init()
     try:
         cfg, denoiser, diffusion, step = load_run(Path(args.run), args.checkpoint and
                                                   Path(args.checkpoint), True, env.device)
+        cfg.data.root = args.data_root or cfg.data.root
         grid, guidances = (QUICK_GRID, QUICK_GUIDANCES) if args.quick else (GRID, GUIDANCES)
+        grid = [c for c in grid if c[1] <= diffusion.num_timesteps]
         num_samples = args.num_samples or (200 if args.quick else 10000)
-        rows = []
-        for sampler, steps in grid:
-            if steps > diffusion.num_timesteps:
-                continue
+        precision = resolve_precision(args.precision, env.device)
+        out = Path(args.out_dir)
+        png = out / "fid_vs_steps.png"
+        about = {"run": args.run, "model": cfg.model.name, "step": step,
+                 "params": count_parameters(denoiser) / 1e6,
+                 "images": step * cfg.train.batch_size, "batch": cfg.train.batch_size,
+                 "quick": args.quick, "date": datetime.date.today().isoformat(),
+                 "note": args.note,
+                 "device": (torch.cuda.get_device_name(env.device) if env.device.type == "cuda"
+                            else f"CPU {platform.processor() or platform.machine()}, "
+                                 f"{torch.get_num_threads()} threads")}
+        rows: list[dict[str, Any]] = []
+        # Cheapest first, and the page is rewritten after every point: a run stopped early
+        # still leaves every finished point on disk.
+        for sampler, steps in sorted(grid, key=lambda c: c[1]):
             for g in guidances:
                 fc = dataclasses.replace(cfg.fid, num_samples=num_samples, sampler=sampler,
                                          steps=steps, guidance=g, features=args.features,
                                          reference=args.reference, batch_size=args.batch_size)
-                rows.append(evaluate(denoiser, diffusion, cfg, fc, args.seed))
+                rows.append(evaluate(denoiser, diffusion, cfg, fc, args.seed, precision))
                 if env.is_main:
                     r = rows[-1]
                     print(f"{sampler} {steps:4d} g={g:g}: FID {r['fid']:.3f}, class accuracy "
                           f"{r['class_accuracy']:.3f}, {r['samples_per_s']:.1f} samples/s",
                           flush=True)
+                    rows.sort(key=lambda r: (grid.index((r["sampler"], r["steps"])),
+                                             r["guidance"]))
+                    plot(rows, png)
+                    (out / "evaluation.md").write_text(report(rows, about, png))
         if env.is_main:
-            out = Path(args.out_dir)
-            png = out / "fid_vs_steps.png"
-            plot(rows, png)
-            about = {"run": args.run, "model": cfg.model.name, "step": step,
-                     "params": count_parameters(denoiser) / 1e6,
-                     "images": step * cfg.train.batch_size, "batch": cfg.train.batch_size,
-                     "quick": args.quick, "date": datetime.date.today().isoformat(),
-                     "device": (torch.cuda.get_device_name(env.device)
-                                if env.device.type == "cuda"
-                                else f"CPU {platform.processor() or platform.machine()}, "
-                                     f"{torch.get_num_threads()} threads")}
-            (out / "evaluation.md").write_text(report(rows, about, png))
             print(f"wrote {out / 'evaluation.md'} and {png}")
     finally:
         distributed.shutdown()

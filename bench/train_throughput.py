@@ -43,7 +43,7 @@ CPU_VARIANTS: dict[str, tuple[Path, list[str], int]] = {
     "codealong": (SEED, [], 1),
     "ours fp32": (SEED, ["train.precision=fp32"], 1),
     "ours fp32 channels_last": (SEED, ["train.precision=fp32", "train.channels_last=true"], 1),
-    "ours fp32, 2 ranks x 1 thread": (SEED, ["train.precision=fp32"], 2),
+    "ours fp32 2 ranks x 1 thread": (SEED, ["train.precision=fp32"], 2),
     "ours bf16 autocast": (SEED, ["train.precision=bf16"], 1),
     "recommended UNet fp32": (RECOMMENDED, ["train.precision=fp32", "train.compile=false",
                                             "model.dropout=0"], 1),
@@ -55,11 +55,12 @@ GPU_VARIANTS: dict[str, tuple[Path, list[str], int]] = {
     "ours bf16 channels_last": (SEED, ["train.precision=bf16", "train.channels_last=true"], 1),
     "ours bf16 channels_last compile": (SEED, ["train.precision=bf16", "train.channels_last=true",
                                                "train.compile=true"], 1),
-    "recommended UNet bf16": (RECOMMENDED, ["train.precision=bf16", "model.dropout=0"], 1),
+    "recommended UNet bf16": (RECOMMENDED, ["train.precision=bf16", "train.compile=false",
+                                            "model.dropout=0"], 1),
 }
 QUICK = ("codealong", "ours fp32")
 DEFAULT_CPU = ("codealong", "ours fp32", "ours fp32 channels_last",
-               "ours fp32, 2 ranks x 1 thread")
+               "ours fp32 2 ranks x 1 thread")
 
 
 def matmul_gflops(dtype: torch.dtype, device: torch.device, max_n: int) -> float:
@@ -181,11 +182,11 @@ def machine(device: torch.device) -> dict[str, Any]:
 def markdown(result: dict[str, Any]) -> str:
     """The result as a markdown table plus the machine line."""
     m, peaks = result["machine"], result["peak_gflops"]
+    peak_text = ", ".join(f"{k} {v:.0f}" for k, v in peaks.items())
     lines = [
         f"Measured {m['date']} on {m.get('gpu', m['cpu'])} ({m['cores']} CPU cores, "
-        f"torch {m['torch']}); matmul peak fp32 {peaks['fp32']:.0f} GFLOP/s, "
-        f"bf16 {peaks['bf16']:.0f} GFLOP/s. {result['rounds']} round(s) of "
-        f"{result['warmup']} warm-up + {result['steps']} timed steps per variant, alternating.",
+        f"torch {m['torch']}); matmul peak GFLOP/s: {peak_text}. {result['rounds']} round(s) "
+        f"of {result['warmup']} warm-up + {result['steps']} timed steps per variant, alternating.",
         "",
         "| variant | batch | images/s (median) | min–max | vs code-along | GFLOP/image "
         "| achieved GFLOP/s | of peak | peak RSS MB |",
@@ -228,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     max_n = 8192 if device.type == "cuda" else 4096
     peak = {"fp32": matmul_gflops(torch.float32, device, max_n),
             "bf16": matmul_gflops(torch.bfloat16, device, max_n)}
+    if device.type == "cuda":  # our trainer runs fp32 matmuls and convolutions as TF32 there
+        torch.backends.cuda.matmul.allow_tf32 = True
+        peak["tf32"] = matmul_gflops(torch.float32, device, max_n)
     segments: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
         for r in range(args.rounds):
@@ -239,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     variants = []
     for name in names:
         cfg_path, overrides, _ = table[name]
-        precision = "bf16" if "train.precision=bf16" in overrides else "fp32"
+        precision = ("bf16" if "train.precision=bf16" in overrides
+                     else "tf32" if device.type == "cuda" and name != "codealong" else "fp32")
         variants.append(summarize(name, segments[name], train_gflops(cfg_path, overrides),
                                   peak[precision]))
     result = {"machine": machine(device), "device": device.type, "peak_gflops": peak,

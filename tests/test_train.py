@@ -61,3 +61,12 @@ def test_short_run_writes_config_metrics_checkpoints_samples(tiny_data: Path,
 
     grid = Image.open(out / "samples" / "step-00000020.png")
     assert grid.size == (84 + 2 * 34 + 2, 10 * 34 + 2)  # 10 classes x 2 per class, labelled
+
+
+def test_time_limit_saves_and_stops_cleanly(tiny_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = run_cli("train", "--config", "configs/quickstart_cpu.yaml", *TINY, f"out_dir={out}",
+                   f"data.root={tiny_data}", "train.max_steps=1000", "train.ckpt_every=500",
+                   "train.time_limit_minutes=1e-6")  # 60 microseconds: stops after step 1
+    assert proc.returncode == 0 and "time_limit_minutes" in proc.stderr
+    assert [s for s, _ in checkpoint.list_checkpoints(out / "checkpoints")] == [1]

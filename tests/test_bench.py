@@ -1,0 +1,64 @@
+"""The benchmark scripts: they run, and what they write means what it says."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, cli_env
+
+from ddp_diffusion.config import ModelConfig
+from ddp_diffusion.model import SeedUNet, forward_gflops
+from ddp_diffusion.sample import load_run
+
+sys.path.insert(0, str(REPO / "bench"))
+from codealong import CodeAlong  # bench/ holds scripts, not a package
+
+
+def test_train_throughput_quick_emits_json(tiny_data: Path, tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "bench/train_throughput.py", "--quick", "--steps", "2", "--batch-size",
+         "8", "--data-root", str(tiny_data), "--out", str(tmp_path)],
+        capture_output=True, text=True, cwd=REPO, env=cli_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "train_throughput_cpu.json").read_text())
+    names = [v["variant"] for v in result["variants"]]
+    assert names == ["codealong", "ours fp32"]
+    # Both run the code-along's network: ~3x its forward FLOPs per training image.
+    fwd = forward_gflops(SeedUNet(), ModelConfig().image_size)
+    for v in result["variants"]:
+        assert v["steps_timed"] == 2 and v["batch_size"] == 8
+        assert v["min"] <= v["images_per_s"] <= v["max"] and v["images_per_s"] > 0
+        assert v["train_gflop_per_image"] == pytest.approx(3 * fwd, rel=0.05)
+        assert v["achieved_gflops"] == pytest.approx(v["images_per_s"]
+                                                     * v["train_gflop_per_image"])
+        assert v["peak_rss_mb"] > 100  # a process that holds torch and a 13.6M-param model
+    assert result["speedup"] == pytest.approx(result["variants"][1]["images_per_s"]
+                                              / result["variants"][0]["images_per_s"])
+    assert result["peak_gflops"]["fp32"] > 0 and result["peak_gflops"]["bf16"] > 0
+    table = (tmp_path / "train_throughput_cpu.md").read_text()
+    assert "| codealong | 8 |" in table and "| ours fp32 | 8 |" in table
+
+
+def test_codealong_run_loads_as_our_denoiser_with_identical_outputs(tiny_data: Path,
+                                                                    tmp_path: Path) -> None:
+    """The baseline's saved run is evaluated by our fid/sample code: the weights must map 1:1."""
+    torch.manual_seed(0)
+    ref = CodeAlong(str(tiny_data), torch.device("cpu"), batch_size=8, num_workers=0)
+    assert torch.isfinite(torch.tensor(ref.step()))
+    ref.save_run(tmp_path / "ref", step=1)
+    cfg, denoiser, _, step = load_run(tmp_path / "ref", None, True, torch.device("cpu"))
+    assert step == 1 and cfg.model.name == "seed_unet"
+
+    xt, t, y = torch.randn(4, 1, 32, 32), torch.tensor([0, 10, 500, 999]), torch.arange(4)
+    guided = ref.model.model.eval()  # the code-along's CFGuidance (guidance 2.0)
+    denoiser.cfg.guidance = guided.guidance
+    with torch.no_grad():
+        theirs = guided(xt, t, {"context": ref.encoder(y)})
+        ours = denoiser(xt, t, y)
+    torch.testing.assert_close(ours.prediction, theirs.prediction, rtol=0, atol=0)
+    torch.testing.assert_close(ours.variance_value, theirs.variance_value, rtol=0, atol=0)
