@@ -108,6 +108,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"only {QUICK_GRID} at guidance {QUICK_GUIDANCES}")
     parser.add_argument("--out-dir", default="docs")
+    parser.add_argument("--samplers", nargs="+", default=["ddpm", "ddim"],
+                        choices=("ddpm", "ddim"), help="only these rows of the grid")
     parser.add_argument("--note", default="", help="a line for the page, e.g. how the model "
                         "was trained")
     parser.add_argument("--precision", default="auto", help="sampling precision (auto: bf16 on "
@@ -120,7 +122,7 @@ def main() -> None:
                                                   Path(args.checkpoint), True, env.device)
         cfg.data.root = args.data_root or cfg.data.root
         grid, guidances = (QUICK_GRID, QUICK_GUIDANCES) if args.quick else (GRID, GUIDANCES)
-        grid = [c for c in grid if c[1] <= diffusion.num_timesteps]
+        grid = [c for c in grid if c[1] <= diffusion.num_timesteps and c[0] in args.samplers]
         num_samples = args.num_samples or (200 if args.quick else 10000)
         precision = resolve_precision(args.precision, env.device)
         out = Path(args.out_dir)

@@ -71,6 +71,7 @@ class TrainConfig:
     resume: str = "auto"  # auto | never | PATH to a checkpoint
     max_nonfinite: int = 5  # abort after this many non-finite losses in a row
     num_threads: int = 0  # CPU threads per rank; 0 = cores / local ranks
+    profile_steps: int = 0  # torch.profiler over this many steps -> out_dir/profile.txt
     time_limit_minutes: float = 0.0  # save and stop (exit 0) after this long in the loop; 0 = off
 
 

@@ -73,6 +73,30 @@ def rng_state(env: DistEnv) -> dict[str, torch.Tensor]:
     return state
 
 
+def start_profiler(steps: int, out_dir: Path, env: DistEnv) -> torch.profiler.profile | None:
+    """Profile `steps` training steps after 2 untimed ones; rank 0 writes a table and a trace."""
+    if steps <= 0 or not env.is_main:
+        return None
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if env.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    sort_by = "self_cuda_time_total" if env.device.type == "cuda" else "self_cpu_time_total"
+
+    def write(prof: torch.profiler.profile) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "profile.txt").write_text(
+            prof.key_averages().table(sort_by=sort_by, row_limit=30))
+        prof.export_chrome_trace(str(out_dir / "profile_trace.json"))
+        log.info("profile of %d steps: %s (trace: open profile_trace.json in "
+                 "https://ui.perfetto.dev)", steps, out_dir / "profile.txt")
+
+    prof = torch.profiler.profile(
+        activities=activities, on_trace_ready=write,
+        schedule=torch.profiler.schedule(wait=1, warmup=1, active=steps, repeat=1))
+    prof.start()
+    return prof
+
+
 def train(cfg: Config) -> int:
     """Train as configured; returns the exit code (0 done, 75 stopped by a signal after saving)."""
     env = distributed.init(cfg.train.num_threads)
@@ -196,6 +220,7 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest) -> int:
     deadline = t_last + 60 * tc.time_limit_minutes if tc.time_limit_minutes > 0 else math.inf
     memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
     model.train()
+    profiler = start_profiler(tc.profile_steps, out_dir, env)
     try:
         while step < tc.max_steps:
             # Seed global-RNG consumers (e.g. dropout) per step: a function of (seed, step, rank).
@@ -250,6 +275,8 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest) -> int:
             sched.step()
             opt.zero_grad(set_to_none=True)
             progress.update(1)
+            if profiler is not None:
+                profiler.step()
 
             if step % tc.log_every == 0 or step == tc.max_steps:
                 # The only host sync of the loss: once per log interval, averaged over ranks.
@@ -294,5 +321,7 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest) -> int:
         log.info("done: step %d, %d images; checkpoints in %s", step, images_seen, ckpt_dir)
         return EXIT_OK
     finally:
+        if profiler is not None:
+            profiler.stop()
         progress.close()
         tracker.finish()

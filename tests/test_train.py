@@ -70,3 +70,15 @@ def test_time_limit_saves_and_stops_cleanly(tiny_data: Path, tmp_path: Path) -> 
                    "train.time_limit_minutes=1e-6")  # 60 microseconds: stops after step 1
     assert proc.returncode == 0 and "time_limit_minutes" in proc.stderr
     assert [s for s, _ in checkpoint.list_checkpoints(out / "checkpoints")] == [1]
+
+
+def test_profile_steps_write_an_operator_table_and_a_trace(tiny_data: Path,
+                                                           tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run_cli("train", "--config", "configs/quickstart_cpu.yaml", *TINY, f"out_dir={out}",
+            f"data.root={tiny_data}", "train.max_steps=6", "train.profile_steps=2")
+    table = (out / "profile.txt").read_text()
+    assert "Self CPU" in table and "aten::convolution_backward" in table
+    trace = json.loads((out / "profile_trace.json").read_text())
+    names = {e.get("name") for e in trace["traceEvents"]}
+    assert "aten::convolution_backward" in names and "ProfilerStep#3" in names
