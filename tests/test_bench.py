@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, cli_env
+from conftest import REPO, TINY, cli_env, run_cli
 
+from ddp_diffusion import checkpoint
 from ddp_diffusion.config import ModelConfig
-from ddp_diffusion.model import SeedUNet, forward_gflops
+from ddp_diffusion.model import build_denoiser, forward_gflops
 from ddp_diffusion.sample import load_run
 
 sys.path.insert(0, str(REPO / "bench"))
@@ -29,7 +30,8 @@ def test_train_throughput_quick_emits_json(tiny_data: Path, tmp_path: Path) -> N
     names = [v["variant"] for v in result["variants"]]
     assert names == ["codealong", "ours fp32"]
     # Both run the code-along's network: ~3x its forward FLOPs per training image.
-    fwd = forward_gflops(SeedUNet(), ModelConfig().image_size)
+    seed = ModelConfig(name="seed_unet")
+    fwd = forward_gflops(build_denoiser(seed, 1000), seed.image_size)
     for v in result["variants"]:
         assert v["steps_timed"] == 2 and v["batch_size"] == 8
         assert v["min"] <= v["images_per_s"] <= v["max"] and v["images_per_s"] > 0
@@ -62,3 +64,31 @@ def test_codealong_run_loads_as_our_denoiser_with_identical_outputs(tiny_data: P
         ours = denoiser(xt, t, y)
     torch.testing.assert_close(ours.prediction, theirs.prediction, rtol=0, atol=0)
     torch.testing.assert_close(ours.variance_value, theirs.variance_value, rtol=0, atol=0)
+
+
+def test_fid_at_budget_pack_keeps_config_step_and_ema_weights(tiny_data: Path,
+                                                              tmp_path: Path) -> None:
+    """`pack` shrinks both runs to fp16 EMA weights that our loaders read back."""
+    runs, packed = tmp_path / "runs", tmp_path / "packed"
+    run_cli("train", "--config", "configs/quickstart_cpu.yaml", *TINY, f"out_dir={runs / 'ours'}",
+            f"data.root={tiny_data}", "train.max_steps=10")
+    CodeAlong(str(tiny_data), torch.device("cpu"), batch_size=8, num_workers=0).save_run(
+        runs / "codealong", step=3)
+    proc = subprocess.run([sys.executable, "bench/fid_at_budget.py", "pack", "--runs", str(runs),
+                           "--to", str(packed)], capture_output=True, text=True, cwd=REPO,
+                          env=cli_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name, step in (("ours", 10), ("codealong", 3)):
+        full = checkpoint.newest_loadable(runs / name / "checkpoints")[1]
+        path, small = checkpoint.newest_loadable(packed / name / "checkpoints")
+        assert small["step"] == step and small["config"] == full["config"]
+        assert all(v.dtype == torch.float16 for v in small["ema"].values() if v.is_floating_point())
+        assert path.stat().st_size < 0.6 * full_size(runs / name)
+        _, denoiser, _, _ = load_run(packed / name, None, True, torch.device("cpu"))
+        for k, v in denoiser.state_dict().items():
+            torch.testing.assert_close(v, full["ema"][k].float(), rtol=1e-3, atol=1e-4)
+
+
+def full_size(run: Path) -> int:
+    """Bytes of a run's newest checkpoint."""
+    return checkpoint.list_checkpoints(run / "checkpoints")[-1][1].stat().st_size
