@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     prepare(args.data_root, config.DataConfig().debian_dir, download=False)
     run = CodeAlong(args.data_root, torch.device(args.device), args.batch_size)
-    for _ in range(args.warmup if args.steps else 0):
+    warmup = args.warmup if args.steps else 0  # a time budget counts every step
+    for _ in range(warmup):
         run.step()
     times, losses, start = [], [], time.perf_counter()
     while (len(times) < args.steps if args.steps
@@ -145,8 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     if args.save:
-        result["checkpoint"] = str(run.save_run(args.save, args.warmup * bool(args.steps)
-                                                + len(times)))
+        result["checkpoint"] = str(run.save_run(args.save, warmup + len(times)))
     text = json.dumps(result)
     if args.json:
         args.json.write_text(text)

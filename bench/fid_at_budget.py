@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from train_throughput import TIMING, step_seconds, trainer_command  # bench/, beside this file
 
 from ddp_diffusion import checkpoint, config, distributed
 from ddp_diffusion.fid import evaluate
@@ -39,22 +40,17 @@ RUNS = ("codealong", "ours")
 
 def ours_command(data_root: str, out: Path, overrides: list[str]) -> list[str]:
     """Our recipe under torchrun, with the given extra overrides."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={RANKS}", "-m", "ddp_diffusion", "train", "--config", str(RECIPE),
-            f"out_dir={out}", f"data.root={data_root}", "tracking.wandb=disabled",
-            "train.sample_every=0", *overrides]
+    return trainer_command(RECIPE, [f"out_dir={out}", f"data.root={data_root}",
+                                    "tracking.wandb=disabled", "train.sample_every=0",
+                                    *overrides], RANKS)
 
 
 def calibrate(data_root: str, work: Path, steps: int = 12) -> float:
-    """Median seconds per step of our recipe, from a short run's metrics.jsonl."""
+    """Median seconds per step of our recipe after 2 warm-up steps, from a short run."""
     out = work / "calibration"
-    overrides = [f"train.max_steps={steps}", "train.log_every=1", "train.resume=never",
-                 f"train.ckpt_every={10**9}"]
-    subprocess.run(ours_command(data_root, out, overrides), check=True, cwd=REPO,
-                   stdout=subprocess.DEVNULL)
-    batch = config.load(RECIPE).train.batch_size
-    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return statistics.median(batch / r["images_per_s"] for r in records[2:])  # skip warm-up
+    subprocess.run(ours_command(data_root, out, [*TIMING, f"train.max_steps={steps}"]),
+                   check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    return statistics.median(step_seconds(out, config.load(RECIPE).train.batch_size, warmup=2))
 
 
 def train(args: argparse.Namespace) -> None:
@@ -99,6 +95,7 @@ def evaluate_runs(args: argparse.Namespace) -> None:
     env = distributed.init()
     try:
         rows: list[dict[str, Any]] = []
+        precision = resolve_precision(args.precision, env.device)
         for name in RUNS:
             cfg, denoiser, diffusion, step = load_run(Path(args.runs) / name, None, True,
                                                       env.device)
@@ -107,7 +104,6 @@ def evaluate_runs(args: argparse.Namespace) -> None:
                                      steps=args.steps, guidance=args.guidance,
                                      features="fashion", reference="train",
                                      batch_size=args.batch_size)
-            precision = resolve_precision(args.precision, env.device)
             row = evaluate(denoiser, diffusion, cfg, fc, args.seed, precision)
             row.update(run=name, model=cfg.model.name, train_steps=step,
                        train_images=step * cfg.train.batch_size)
@@ -123,8 +119,9 @@ def evaluate_runs(args: argparse.Namespace) -> None:
             out.mkdir(parents=True, exist_ok=True)
             (out / "fid_at_budget.json").write_text(json.dumps(
                 {"budget": budget, "rows": rows, "eval_device": device}, indent=1))
-            (out / "fid_at_budget.md").write_text(report(rows, budget, device))
-            print(report(rows, budget, device))
+            table = report(rows, budget, device)
+            (out / "fid_at_budget.md").write_text(table)
+            print(table)
     finally:
         distributed.shutdown()
 

@@ -115,40 +115,51 @@ def run_process(cmd: list[str], env: dict[str, str]) -> tuple[int, float, str]:
     return os.waitstatus_to_exitcode(status), usage.ru_maxrss / 1024, tail
 
 
+# Overrides that make a short run of our trainer a clean timing: a log record (with images/s)
+# every step, no sample grids, no checkpoint before the end, a fresh start, no W&B.
+TIMING = ["train.log_every=1", "train.sample_every=0", f"train.ckpt_every={10**9}",
+          "train.keep_last=1", "train.resume=never", "tracking.wandb=disabled"]
+
+
+def trainer_command(cfg_path: Path, overrides: list[str], ranks: int) -> list[str]:
+    """`ddp-diffusion train` on a config: one process, or torchrun with `ranks` CPU ranks."""
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 f"--nproc_per_node={ranks}", "-m", "ddp_diffusion"] if ranks > 1
+                else [sys.executable, "-m", "ddp_diffusion"])
+    return [*launcher, "train", "--config", str(cfg_path), *overrides]
+
+
+def step_seconds(run_dir: Path, batch: int, warmup: int) -> list[float]:
+    """Seconds of each step after `warmup`, from a run's metrics.jsonl (train.log_every=1)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [batch / r["images_per_s"] for r in records if r["step"] > warmup]
+
+
 def run_variant(name: str, spec: tuple[Path, list[str], int], args: argparse.Namespace,
                 work: Path, device: str) -> dict[str, Any]:
     """One timed segment of a variant: per-step seconds and peak RSS."""
     cfg_path, overrides, ranks = spec
     out = work / f"{name.replace(' ', '_').replace(',', '')}-{time.monotonic_ns()}"
     env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
-    total = args.warmup + args.steps
     if name == "codealong":
         cmd = [sys.executable, str(REPO / "bench" / "codealong.py"), "--data-root",
                args.data_root, "--device", device, "--batch-size", str(args.batch_size),
                "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--json", str(out.with_suffix(".json"))]
     else:
-        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                     f"--nproc_per_node={ranks}", "-m", "ddp_diffusion"] if ranks > 1
-                    else [sys.executable, "-m", "ddp_diffusion"])
-        cmd = [*launcher, "train", "--config", str(cfg_path), *overrides,
-                          f"out_dir={out}", f"data.root={args.data_root}",
-                          f"train.max_steps={total}", "train.log_every=1",
-                          "train.sample_every=0", f"train.ckpt_every={10**9}",
-                          "train.keep_last=1", "train.resume=never", "tracking.wandb=disabled"]
-        if cfg_path == SEED:
-            cmd.append(f"train.batch_size={args.batch_size}")
+        if cfg_path == SEED:  # the code-along's model runs at the code-along's batch
+            overrides = [*overrides, f"train.batch_size={args.batch_size}"]
+        cmd = trainer_command(cfg_path, [*overrides, *TIMING, f"out_dir={out}",
+                                         f"data.root={args.data_root}",
+                                         f"train.max_steps={args.warmup + args.steps}"], ranks)
     code, rss, tail = run_process(cmd, env)
     if code != 0:
         raise RuntimeError(f"{name} failed with exit code {code}:\n{tail}")
     if name == "codealong":
         result = json.loads(out.with_suffix(".json").read_text())
         return {"step_s": result["step_s"], "batch_size": result["batch_size"], "peak_rss_mb": rss}
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    timed = [r for r in records if r["step"] > args.warmup]
-    batch = config.load(cfg_path, overrides + ([f"train.batch_size={args.batch_size}"]
-                                               if cfg_path == SEED else [])).train.batch_size
-    return {"step_s": [batch / r["images_per_s"] for r in timed], "batch_size": batch,
+    batch = config.load(cfg_path, overrides).train.batch_size
+    return {"step_s": step_seconds(out, batch, args.warmup), "batch_size": batch,
             "peak_rss_mb": rss}
 
 
