@@ -101,18 +101,18 @@ class CodeAlong:
         """The weights under ddp-diffusion's ConditionalDenoiser names (encoder + CFGuidance)."""
         state = {"class_embedding.weight": self.encoder.weight.detach().cpu()}
         for k, v in self.model.model.state_dict().items():  # DDPModule.model is the CFGuidance
-            state[f"cfg.{k}"] = v.detach().cpu()
+            state[f"cfguidance.{k}"] = v.detach().cpu()
         return state
 
     def save_run(self, run_dir: Path, step: int) -> Path:
         """A run directory that `ddp-diffusion sample/fid --run` can load (weights, no EMA)."""
         cfg = config.load(SEED_CONFIG, [f"out_dir={run_dir}"])
         weights = self.denoiser_state()
-        return checkpoint.save({
+        return checkpoint.write_atomic({
             "step": step, "images_seen": step * self.loader.batch_size,
             "model": weights, "ema": weights, "config": config.to_dict(cfg),
             "note": "code-along baseline (bench/codealong.py): no EMA, 'ema' holds the weights",
-        }, run_dir / "checkpoints", step, keep_last=1, milestone_every=0)
+        }, checkpoint.path_for(run_dir / "checkpoints", step))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,8 @@ from train_throughput import TIMING, step_seconds, trainer_command  # bench/, be
 
 from ddp_diffusion import checkpoint, config, distributed
 from ddp_diffusion.fid import evaluate
-from ddp_diffusion.sample import load_run, resolve_precision
+from ddp_diffusion.precision import resolve_precision
+from ddp_diffusion.sample import load_run
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "configs" / "quickstart_cpu.yaml"
@@ -76,15 +77,16 @@ def train(args: argparse.Namespace) -> None:
 def pack(args: argparse.Namespace) -> None:
     """EMA weights (fp16), config and step of each run's newest checkpoint, for carrying."""
     for name in RUNS:
-        found = checkpoint.newest_loadable(Path(args.runs) / name / "checkpoints")
+        found, _ = checkpoint.newest_readable(Path(args.runs) / name / "checkpoints")
         if found is None:
             raise SystemExit(f"no checkpoint in {Path(args.runs) / name}; run train first")
         path, state = found
         weights = {k: v.half() if v.is_floating_point() else v for k, v in state["ema"].items()}
-        small = {"step": state["step"], "images_seen": state["images_seen"],
+        small = {"step": state["step"], "images_seen": state["progress"]["images_seen"],
                  "config": state["config"], "model": weights, "ema": weights,
                  "note": f"EMA weights of {path} in fp16 (bench/fid_at_budget.py pack)"}
-        checkpoint.save(small, Path(args.to) / name / "checkpoints", state["step"], 1, 0)
+        checkpoint.write_atomic(small, checkpoint.path_for(Path(args.to) / name / "checkpoints",
+                                                           state["step"]))
     for extra in ("budget.json", "codealong.json"):
         if (Path(args.runs) / extra).is_file():
             (Path(args.to) / extra).write_bytes((Path(args.runs) / extra).read_bytes())

@@ -23,7 +23,8 @@ from PIL import Image, ImageDraw
 from ddp_diffusion import distributed
 from ddp_diffusion.fid import evaluate
 from ddp_diffusion.model import count_parameters
-from ddp_diffusion.sample import load_run, resolve_precision
+from ddp_diffusion.precision import resolve_precision
+from ddp_diffusion.sample import load_run
 
 GRID = [("ddpm", 1000), ("ddpm", 250), ("ddim", 100), ("ddim", 50), ("ddim", 25), ("ddim", 10)]
 GUIDANCES = [0.0, 1.0, 2.0, 4.0]

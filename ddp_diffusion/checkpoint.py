@@ -1,9 +1,10 @@
-"""Atomic checkpoint files, retention, and choosing what to resume from.
+"""Checkpoint files: atomic writes, safe reads, choosing what to resume from, and the manager
+that saves and restores every stateful part of training.
 
 A checkpoint is ``out_dir/checkpoints/ckpt-<step:08d>.pt``: a dict of tensors and plain values
 only, written to a temporary file, flushed, fsynced and renamed, so the newest file is never
-half-written. Loading uses ``torch.load(weights_only=True)``: a file crafted to run code is
-refused.
+half-written. Reading uses ``torch.load(weights_only=True)``: a file crafted to run code is
+refused. A read that fails with an OSError (EIO, ESTALE on a network file system) is retried.
 """
 
 from __future__ import annotations
@@ -12,23 +13,41 @@ import logging
 import os
 import pickle
 import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from ddp_diffusion.config import UserError, flatten
+from ddp_diffusion.config import flatten
+from ddp_diffusion.errors import UserError, WriteFailed
 
 log = logging.getLogger("ddp_diffusion")
 NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
+FORMAT = 2  # 1: before the `progress` part (step, images seen and run id at the top level)
+READ_TRIES = 3
+READ_RETRY_S = 1.0  # first back-off; doubled after each failed try
 
 # Config sections and keys that must not change when resuming: they define the model, the
-# noise process, or which samples and noise each step sees.
+# noise process, or which samples and noise each step sees. Every other key may change and
+# takes effect from the resumed step.
 FROZEN_KEYS = ("model", "diffusion", "seed", "train.batch_size")
 
 
 class CheckpointError(Exception):
-    """A checkpoint file that cannot be used; the message names the file."""
+    """A checkpoint file that cannot be used; the message names the file and why."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> Mapping[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any], /) -> Any: ...
 
 
 def path_for(ckpt_dir: Path, step: int) -> Path:
@@ -44,86 +63,211 @@ def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
 
 
 def write_atomic(obj: dict[str, Any], path: Path) -> Path:
-    """torch.save to a temp file beside `path`, flush, fsync, rename, fsync the folder."""
+    """torch.save to a temp file beside `path`, flush, fsync, rename, fsync the folder.
+
+    On failure (a full disk, an I/O error) the temp file is removed, whatever `path` held before
+    is untouched, and WriteFailed says why.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        with tmp.open("wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        free = _free_bytes(path.parent)
+        raise WriteFailed(f"could not write {path} ({reason}; {free / 2**20:.1f} MiB free "
+                          "there)") from None
     return path
 
 
-def save(state: dict[str, Any], ckpt_dir: Path, step: int, keep_last: int,
-         milestone_every: int = 0) -> Path:
-    """Write a checkpoint atomically, then prune old checkpoints."""
-    final = write_atomic(state, path_for(ckpt_dir, step))
-    _prune(ckpt_dir, keep_last, milestone_every)
-    return final
-
-
-def _prune(ckpt_dir: Path, keep_last: int, milestone_every: int) -> None:
-    """Keep the newest `keep_last` checkpoints plus milestones (step % milestone_every == 0)."""
-    ckpts = list_checkpoints(ckpt_dir)
-    for step, path in ckpts[:-keep_last] if keep_last > 0 else []:
-        if not (milestone_every and step % milestone_every == 0):
-            path.unlink(missing_ok=True)
-
-
-def load(path: Path) -> dict[str, Any]:
-    """Load a checkpoint on the CPU with weights_only=True, or raise CheckpointError naming it."""
+def _free_bytes(folder: Path) -> int:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path}: refused, it holds objects other than tensors and plain values "
-            f"(weights_only load): {str(e).splitlines()[0]}") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable (truncated or corrupt): {e}") from None
-    if not isinstance(state, dict) or "step" not in state or "model" not in state:
-        raise CheckpointError(f"{path}: not a ddp-diffusion checkpoint")
+        st = os.statvfs(folder)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
+
+
+def upgrade(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint dict in the current format (older files are read as they were written)."""
+    if state.get("format", 1) == 1:
+        state = dict(state)
+        state["progress"] = {"step": int(state["step"]),
+                             "images_seen": int(state.pop("images_seen", 0)),
+                             "run_id": state.pop("wandb_run_id", None), "nonfinite_total": 0}
+        state["data"] = {}  # format 1 did not describe the data source
+        for dropped in ("lr_schedule", "rng", "data_position"):  # now derived from the step
+            state.pop(dropped, None)
+        state["format"] = FORMAT
     return state
 
 
-def newest_loadable(ckpt_dir: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint that loads cleanly; broken newer ones are reported and skipped."""
+def read(path: Path, tries: int = READ_TRIES) -> dict[str, Any]:
+    """Load a checkpoint on the CPU (weights_only=True), or raise CheckpointError saying why.
+
+    OSErrors (EIO, ESTALE, ...) are retried `tries` times with back-off; a file that is
+    truncated, corrupt or holds objects other than tensors and plain values fails at once.
+    """
+    delay = READ_RETRY_S
+    for attempt in range(1, tries + 1):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            break
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(
+                path, "refused, it holds objects other than tensors and plain values "
+                f"(weights_only load): {str(e).splitlines()[0]}") from None
+        except OSError as e:
+            if attempt == tries:
+                raise CheckpointError(path, f"read error, {tries} tries ({e.strerror or e}); "
+                                            "check the file system") from None
+            log.warning("%s: read error (%s), try %d of %d; retrying in %g s", path,
+                        e.strerror or e, attempt, tries, delay)
+            time.sleep(delay)
+            delay *= 2
+        except (RuntimeError, EOFError, ValueError) as e:
+            raise CheckpointError(path, "unreadable (truncated or corrupt): "
+                                        f"{str(e).splitlines()[0]}") from None
+    if not isinstance(state, dict) or "step" not in state or "model" not in state:
+        raise CheckpointError(path, "not a ddp-diffusion checkpoint")
+    return upgrade(state)
+
+
+def newest_readable(ckpt_dir: Path) -> tuple[tuple[Path, dict[str, Any]] | None,
+                                             list[CheckpointError]]:
+    """The newest checkpoint that reads (None if none does), and why each newer one did not."""
+    failures: list[CheckpointError] = []
     for _, path in reversed(list_checkpoints(ckpt_dir)):
         try:
-            return path, load(path)
+            return (path, read(path)), failures
         except CheckpointError as e:
             log.warning("skipping checkpoint %s; trying the previous one", e)
-    return None
+            failures.append(e)
+    return None, failures
 
 
-def resolve_resume(resume: str, ckpt_dir: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The checkpoint `train.resume` asks for: auto (newest loadable), never, or a path."""
+def none_readable(ckpt_dir: Path, failures: list[CheckpointError]) -> str:
+    """The message for a folder whose checkpoints all fail to read: each file and why."""
+    return (f"no checkpoint in {ckpt_dir} can be read: {'; '.join(map(str, failures))}")
+
+
+@dataclass
+class ResumePlan:
+    """What `train.resume` resolves to in a run directory."""
+
+    path: Path | None  # the checkpoint to resume from (None: start at step 0)
+    state: dict[str, Any] | None
+    move_aside: list[Path]  # checkpoints of another lineage, or ones that would be overwritten
+    new_run: bool  # a different run starts here: the earlier run's files move aside too
+
+
+def plan_resume(resume: str, ckpt_dir: Path) -> ResumePlan:
+    """Resolve train.resume (auto, never or a path) against the checkpoints in ckpt_dir.
+
+    auto: the newest checkpoint that loads; newer ones that do not are moved aside, never
+    overwritten. If checkpoints exist and none loads, raise UserError listing each and why:
+    starting over is an explicit choice (never). never: a new run; the old one moves aside.
+    A path inside ckpt_dir continues that lineage (newer checkpoints move aside); a path
+    elsewhere starts a new lineage here.
+    """
+    ckpts = list_checkpoints(ckpt_dir)
     if resume == "never":
-        return None
+        return ResumePlan(None, None, [p for _, p in ckpts], new_run=True)
     if resume == "auto":
-        return newest_loadable(ckpt_dir)
+        found, failures = newest_readable(ckpt_dir)
+        if found is None and failures:
+            raise UserError(
+                f"{none_readable(ckpt_dir, failures)}. Nothing was changed. Restore a good file, "
+                "or start over with train.resume=never (the old files move to "
+                f"{ckpt_dir.parent / 'archive'}/)")
+        path, state = found or (None, None)
+        return ResumePlan(path, state, [e.path for e in failures], new_run=False)
     path = Path(resume)
-    if not path.is_file():
-        raise UserError(f"train.resume={resume}: no such checkpoint file")
     try:
-        return path, load(path)
+        state = read(path)
     except CheckpointError as e:
-        raise UserError(str(e)) from None
+        raise UserError(f"train.resume={resume}: {e}") from None
+    if path.resolve().parent == ckpt_dir.resolve():
+        newer = [p for s, p in ckpts if s > int(state["step"])]
+        return ResumePlan(path, state, newer, new_run=False)
+    return ResumePlan(path, state, [p for _, p in ckpts], new_run=True)
 
 
-def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path | str) -> list[str]:
-    """Raise UserError if a frozen setting changed; return the other changed keys (allowed)."""
+def frozen_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """'key: old -> new' for each frozen setting that differs between two configs."""
     old, new = flatten(saved), flatten(current)
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    frozen = [k for k in changed if any(k == f or k.startswith(f + ".") for f in FROZEN_KEYS)]
+    return [f"{k}: {old.get(k)} -> {new.get(k)}" for k in sorted(old.keys() | new.keys())
+            if old.get(k) != new.get(k) and any(k == f or k.startswith(f + ".")
+                                                for f in FROZEN_KEYS)]
+
+
+def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """'key old -> new' for each setting that differs (train.resume excluded)."""
+    old, new = flatten(saved), flatten(current)
+    return [f"{k} {old.get(k)} -> {new.get(k)}" for k in sorted(old.keys() | new.keys())
+            if old.get(k) != new.get(k) and k != "train.resume"]
+
+
+def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path | str) -> None:
+    """Raise UserError if a frozen setting changed since the checkpoint was written."""
+    frozen = frozen_changes(saved, current)
     if frozen:
-        details = ", ".join(f"{k}: {old.get(k)} -> {new.get(k)}" for k in frozen)
         raise UserError(
-            f"cannot resume from {path}: the config changed in a way that breaks resumption "
-            f"({details}); use a new out_dir or train.resume=never")
-    return changed
+            f"cannot resume from {path}: {', '.join(frozen)} changed, and that breaks "
+            "resumption. Nothing was changed. Use a new out_dir, or train.resume=never to start "
+            "a new run here (the old one moves to out_dir/archive/)")
+
+
+class CheckpointManager:
+    """Saves and restores every stateful part of training; prunes this run's old checkpoints.
+
+    `states` maps a name to an object with state_dict()/load_state_dict(): `save` writes all of
+    them into one file and `restore` loads all of them, so a part added to the mapping is
+    checkpointed and restored with no other change. Retention only ever deletes checkpoints of
+    this run's lineage (those it resumed from or wrote), never the one just written.
+    """
+
+    def __init__(self, ckpt_dir: Path, states: dict[str, Stateful], keep_last: int,
+                 milestone_every: int) -> None:
+        self.ckpt_dir = ckpt_dir
+        self.states = states
+        self.keep_last = keep_last
+        self.milestone_every = milestone_every
+        # At start the folder holds this lineage only: other runs' files were moved aside.
+        self.lineage: dict[int, Path] = dict(list_checkpoints(ckpt_dir))
+
+    def save(self, step: int, meta: dict[str, Any]) -> Path:
+        """Write every part (plus `meta`) as the checkpoint of `step`, then prune."""
+        state = {"format": FORMAT, "step": step, **meta,
+                 **{name: part.state_dict() for name, part in self.states.items()}}
+        path = write_atomic(state, path_for(self.ckpt_dir, step))
+        self.lineage[step] = path
+        self._prune(keep=step)
+        return path
+
+    def restore(self, state: dict[str, Any], path: Path | str) -> None:
+        """Load every part from a checkpoint dict (as `read` returns it)."""
+        missing = [name for name in self.states if name not in state]
+        if missing:
+            raise UserError(f"{path} cannot be resumed: it has no {', '.join(missing)} (a "
+                            "checkpoint written for sampling only)")
+        for name, part in self.states.items():
+            part.load_state_dict(state[name])
+
+    def _prune(self, keep: int) -> None:
+        """Keep the newest `keep_last` of this lineage plus milestones; never `keep`."""
+        if self.keep_last <= 0:
+            return
+        for step in sorted(self.lineage)[:-self.keep_last]:
+            if step != keep and not (self.milestone_every and step % self.milestone_every == 0):
+                self.lineage.pop(step).unlink(missing_ok=True)

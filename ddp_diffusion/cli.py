@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
 from pathlib import Path
 
-from ddp_diffusion.config import UserError
-from ddp_diffusion.train import TrainingDiverged
-
-EXIT_USER_ERROR = 2
-EXIT_DIVERGED = 3
+from ddp_diffusion.config import check, check_at_least, check_fid, check_finite, check_sample
+from ddp_diffusion.errors import DDPDiffusionError
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -36,46 +34,64 @@ def _submit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sample(args: argparse.Namespace) -> int:
-    import torch
-
-    from ddp_diffusion.sample import generate, load_run, parse_classes, save_grid
-
-    classes = parse_classes(args.classes)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg, denoiser, diffusion, step = load_run(Path(args.run), args.checkpoint and
-                                              Path(args.checkpoint), not args.no_ema, device)
-    s = cfg.sample
-    per_class = args.per_class or s.per_class
-    labels = torch.tensor(classes, device=device).repeat_interleave(per_class)
-    images = generate(denoiser, diffusion, labels, args.sampler or s.sampler,
-                      args.steps or s.steps, s.guidance if args.guidance is None else args.guidance,
-                      seed=args.seed, eta=s.eta if args.eta is None else args.eta,
-                      precision=args.precision, image_size=cfg.model.image_size)
-    out = save_grid(images, classes, per_class, Path(args.out))
-    print(f"wrote {out} ({len(classes)} classes x {per_class}, step {step})")
-    return 0
-
-
+SAMPLE_FLAGS = ("sampler", "steps", "guidance", "eta", "per_class")
 FID_FLAGS = ("num_samples", "sampler", "steps", "guidance", "features", "reference",
              "inception_weights", "batch_size")
 
 
+def _check_flags(args: argparse.Namespace) -> None:
+    """Ranges of the sampling flags that need no run (the rest is checked against its config)."""
+    for flag, low in (("steps", 1), ("per_class", 1), ("num_samples", 2), ("batch_size", 1),
+                      ("eta", 0)):
+        if getattr(args, flag, None) is not None:
+            check_at_least(f"--{flag.replace('_', '-')}", getattr(args, flag), low)
+    if args.guidance is not None:
+        check_finite("--guidance", args.guidance)
+
+
+def _overrides(args: argparse.Namespace, flags: tuple[str, ...]) -> dict[str, object]:
+    """The flags that were given, by config key."""
+    return {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
+
+
+def _sample(args: argparse.Namespace) -> int:
+    import torch
+    from PIL import Image
+
+    from ddp_diffusion.sample import generate, load_run, parse_classes, save_grid
+
+    classes = parse_classes(args.classes)
+    _check_flags(args)
+    check(Path(args.out).suffix.lower() in Image.registered_extensions(),
+          f"--out {args.out}: name an image file, e.g. grid.png (PNG, JPEG, WebP, ...)")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg, denoiser, diffusion, step = load_run(Path(args.run), args.checkpoint and
+                                              Path(args.checkpoint), args.ema, device)
+    s = dataclasses.replace(cfg.sample, **_overrides(args, SAMPLE_FLAGS))
+    check_sample(s, diffusion.num_timesteps, prefix="--")
+    labels = torch.tensor(classes, device=device).repeat_interleave(s.per_class)
+    images = generate(denoiser, diffusion, labels, s.sampler, s.steps, s.guidance,
+                      seed=args.seed, eta=s.eta, precision=args.precision,
+                      image_size=cfg.model.image_size)
+    out = save_grid(images, classes, s.per_class, Path(args.out))
+    print(f"wrote {out} ({len(classes)} classes x {s.per_class}, step {step})")
+    return 0
+
+
 def _fid(args: argparse.Namespace) -> int:
-    import dataclasses
     import json
 
     from ddp_diffusion import distributed
     from ddp_diffusion.fid import evaluate
     from ddp_diffusion.sample import load_run
 
+    _check_flags(args)
     env = distributed.init()
     try:
         cfg, denoiser, diffusion, step = load_run(Path(args.run), args.checkpoint and
-                                                  Path(args.checkpoint), not args.no_ema,
-                                                  env.device)
-        fc = dataclasses.replace(cfg.fid, **{k: getattr(args, k) for k in FID_FLAGS
-                                             if getattr(args, k) is not None})
+                                                  Path(args.checkpoint), args.ema, env.device)
+        fc = dataclasses.replace(cfg.fid, **_overrides(args, FID_FLAGS))
+        check_fid(fc, diffusion.num_timesteps, prefix="--")
         if args.eta is not None:
             cfg.sample.eta = args.eta
         result = {"run": args.run, "checkpoint": args.checkpoint, "step": step,
@@ -108,15 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="checkpoint file (default: newest in RUN/checkpoints)")
     p.add_argument("--classes", default="all",
                    help="'all' or names/indices, e.g. sneaker,bag or 7,8 (default: all)")
-    p.add_argument("--per-class", type=int, default=0, help="images per class (default: config)")
+    p.add_argument("--per-class", type=int, help="images per class (default: config)")
     p.add_argument("--sampler", choices=("ddpm", "ddim"), help="default: config")
-    p.add_argument("--steps", type=int, default=0, help="sampling steps (default: config)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: config)")
     p.add_argument("--guidance", type=float, help="CFG scale g: (1+g)*cond - g*uncond")
     p.add_argument("--eta", type=float, help="DDIM eta (default: config)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
-    p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
-    p.add_argument("--out", required=True, help="output PNG path")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction,
+                   help="EMA weights (--no-ema: the raw ones; default: config sample.use_ema)")
+    p.add_argument("--out", required=True, help="output image path (PNG, JPEG, ...)")
     p.set_defaults(func=_sample)
 
     p = sub.add_parser(
@@ -139,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="images per generation chunk")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
-    p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="EMA weights (default; --no-ema: the raw ones)")
     p.add_argument("--out", help="also write the JSON result here")
     p.set_defaults(func=_fid)
 
@@ -181,9 +199,6 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         return args.func(args)
-    except UserError as e:
+    except DDPDiffusionError as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_DIVERGED
+        return e.exit_code

@@ -1,25 +1,28 @@
-"""Typed run configuration: dataclasses, YAML loading and dotted command-line overrides."""
+"""Typed run configuration: dataclasses, YAML loading, dotted overrides, and validation.
+
+Every value is checked when the config is loaded (types, `Literal` choices, ranges and the
+rules that tie keys together), so a bad setting fails with one line before any work is done.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-
-class UserError(Exception):
-    """A mistake the user can fix; the CLI prints it as one line, without a traceback."""
+from ddp_diffusion.errors import UserError
 
 
 @dataclass
 class ModelConfig:
-    name: str = "unet"  # "unet" (ours) or "seed_unet" (the code-along's U-Net, exactly)
+    name: Literal["unet", "seed_unet"] = "unet"  # seed_unet: the code-along's U-Net, exactly
     num_classes: int = 10
     image_size: int = 32
     cond_dim: int = 32  # class-embedding width (seed_unet: also the timestep-embedding width)
@@ -33,8 +36,8 @@ class ModelConfig:
 @dataclass
 class DiffusionConfig:
     steps: int = 1000
-    beta_schedule: str = "linear"  # linear | cosine
-    loss: str = "hybrid"  # hybrid (learned variance, as the code-along) | mse
+    beta_schedule: Literal["linear", "cosine"] = "linear"
+    loss: Literal["hybrid", "mse"] = "hybrid"  # hybrid: learned variance, as the code-along
     cfg_dropout: float = 0.1  # probability a label is replaced by the learned null embedding
     clamp_x0: bool = True
 
@@ -54,11 +57,11 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    lr_schedule: str = "constant"  # constant | cosine (after warmup)
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # after the warmup
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping (the norm is still logged)
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16 where the hardware has it)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where it is native
     channels_last: bool = False
     compile: bool = False
     ema_halflife_kimg: float = 10.0  # EMA half-life in thousands of training images (EDM)
@@ -66,9 +69,10 @@ class TrainConfig:
     log_every: int = 10
     sample_every: int = 500
     ckpt_every: int = 500
-    keep_last: int = 3
+    keep_last: int = 3  # newest checkpoints of this run kept; 0 = keep all
     milestone_every: int = 0  # also keep every checkpoint whose step is a multiple of this
     resume: str = "auto"  # auto | never | PATH to a checkpoint
+    lock_wait_s: float = 300.0  # a requeued job waits this long for its predecessor's lock
     max_nonfinite: int = 5  # abort after this many non-finite losses in a row
     num_threads: int = 0  # CPU threads per rank; 0 = cores / local ranks
     profile_steps: int = 0  # torch.profiler over this many steps -> out_dir/profile.txt
@@ -77,30 +81,30 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: str = "ddpm"  # ddpm | ddim
+    sampler: Literal["ddpm", "ddim"] = "ddpm"
     steps: int = 250
     guidance: float = 2.0  # CFGuidance: (1+g)*cond - g*uncond, so 0 means no guidance
     eta: float = 0.0  # DDIM only
     per_class: int = 8
-    use_ema: bool = True
+    use_ema: bool = True  # grids from the EMA weights (the sample command: --no-ema)
 
 
 @dataclass
 class FidConfig:
     every: int = 0  # in training: FID with the EMA weights every N steps, on all ranks (0 = off)
     num_samples: int = 2000  # generated images per evaluation (the fid command: 10000)
-    sampler: str = "ddim"  # ddpm | ddim (eta: sample.eta)
+    sampler: Literal["ddpm", "ddim"] = "ddim"  # eta: sample.eta
     steps: int = 50
     guidance: float = 2.0
-    features: str = "fashion"  # fashion (shipped classifier) | inception (torchmetrics 2048-d)
-    reference: str = "train"  # real images: train (60k) | test (10k)
+    features: Literal["fashion", "inception"] = "fashion"  # inception: torchmetrics 2048-d
+    reference: Literal["train", "test"] = "train"  # real images: train (60k) or test (10k)
     inception_weights: str | None = None  # local weights-inception-2015-12-05-6726825d.pth
     batch_size: int = 250  # images per generation chunk; the sample set depends on it
 
 
 @dataclass
 class TrackingConfig:
-    wandb: str = "offline"  # offline | online | disabled
+    wandb: Literal["offline", "online", "disabled"] = "offline"
     project: str = "ddp-diffusion"
     entity: str | None = None
     name: str | None = None
@@ -118,20 +122,6 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     out_dir: str = "runs/default"
     seed: int = 0
-
-
-CHOICES: dict[str, tuple[str, ...]] = {
-    "model.name": ("unet", "seed_unet"),
-    "diffusion.beta_schedule": ("linear", "cosine"),
-    "diffusion.loss": ("hybrid", "mse"),
-    "train.lr_schedule": ("constant", "cosine"),
-    "train.precision": ("auto", "fp32", "bf16", "fp16"),
-    "sample.sampler": ("ddpm", "ddim"),
-    "fid.sampler": ("ddpm", "ddim"),
-    "fid.features": ("fashion", "inception"),
-    "fid.reference": ("train", "test"),
-    "tracking.wandb": ("offline", "online", "disabled"),
-}
 
 
 TRUE_WORDS = ("true", "yes", "1", "on")
@@ -169,6 +159,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
             return None
         return _coerce(key, value, args[0])
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise UserError(f"config key '{key}' must be one of {', '.join(choices)}; "
+                            f"got {value!r}")
+        return value
     if origin is list:
         (item,) = typing.get_args(tp)
         if isinstance(value, str):
@@ -199,21 +195,15 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             if isinstance(value, dict | list):
                 raise ValueError
             return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise UserError(
             f"config key '{key}' expects {getattr(tp, '__name__', tp)}, got {value!r}"
         ) from None
     raise UserError(f"config key '{key}' has an unsupported type {tp}")
 
 
-def _check_choice(key: str, value: Any) -> None:
-    choices = CHOICES.get(key)
-    if choices is not None and value not in choices:
-        raise UserError(f"config key '{key}' must be one of {', '.join(choices)}; got {value!r}")
-
-
 def set_key(cfg: Config, key: str, value: Any) -> None:
-    """Set one dotted key (e.g. 'train.lr') on cfg, with type coercion and validation."""
+    """Set one dotted key (e.g. 'train.lr') on cfg, with type coercion."""
     *path, leaf = key.split(".")
     node: Any = cfg
     for part in path:
@@ -223,9 +213,7 @@ def set_key(cfg: Config, key: str, value: Any) -> None:
     fields_ = _fields(type(node)) if dataclasses.is_dataclass(node) else {}
     if leaf not in fields_ or dataclasses.is_dataclass(fields_[leaf]):
         raise _unknown_key(key)
-    coerced = _coerce(key, value, fields_[leaf])
-    _check_choice(key, coerced)
-    setattr(node, leaf, coerced)
+    setattr(node, leaf, _coerce(key, value, fields_[leaf]))
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -247,23 +235,51 @@ def from_dict(data: dict[str, Any]) -> Config:
     return cfg
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error as one line: what is wrong and where."""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    mark = getattr(e, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML config file as a dict, or a one-line UserError saying what is wrong with it."""
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} "
+                        f"at offset {e.start}); save it as UTF-8") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML: {_yaml_problem(e)}") from None
+    except OSError as e:
+        raise UserError(f"config file {path} cannot be read: {e.strerror}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of sections")
+    return data
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    """'a.b=value' -> ('a.b', the value parsed as YAML)."""
+    key, sep, raw = item.partition("=")
+    if not sep:
+        raise UserError(f"override '{item}' must look like key=value, e.g. train.lr=2e-4")
+    if not raw.strip():
+        return key.strip(), ""
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise UserError(f"override '{item}' is not a valid value ({_yaml_problem(e)}); quote "
+                        f"it if it is a string: {key.strip()}='{raw}'") from None
+
+
 def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Load a YAML config (or defaults when path is None) and apply 'a.b=value' overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file {path} does not exist")
-        with path.open() as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise UserError(f"config file {path} must hold a mapping of sections")
-    cfg = from_dict(data)
+    """Load a YAML config (defaults when path is None), apply 'a.b=value' overrides, validate."""
+    cfg = from_dict(_read_yaml(Path(path)) if path is not None else {})
     for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise UserError(f"override '{item}' must look like key=value, e.g. train.lr=2e-4")
-        set_key(cfg, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        set_key(cfg, *_parse_override(item))
+    validate(cfg)
     return cfg
 
 
@@ -276,3 +292,134 @@ def save(cfg: Config, path: Path) -> None:
     """Write the resolved config as YAML."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def check(ok: bool, message: str) -> None:
+    """Raise a UserError with `message` unless `ok`."""
+    if not ok:
+        raise UserError(message)
+
+
+def check_at_least(name: str, value: float, low: float) -> None:
+    """`name` (a config key or a flag) must be a finite number >= low."""
+    check(math.isfinite(value) and value >= low, f"{name}={value} must be >= {low:g}")
+
+
+def check_fraction(name: str, value: float, upper_open: bool = False) -> None:
+    """`name` must lie in [0, 1] (or [0, 1) with upper_open)."""
+    ok = 0 <= value < 1 if upper_open else 0 <= value <= 1
+    check(ok, f"{name}={value} must be in [0, 1{')' if upper_open else ']'}")
+
+
+def check_finite(name: str, value: float) -> None:
+    check(math.isfinite(value), f"{name}={value} must be a finite number")
+
+
+def _name(prefix: str, key: str) -> str:
+    """A config key ('sample.' + key) or a command-line flag ('--' + key with dashes)."""
+    return prefix + (key.replace("_", "-") if prefix == "--" else key)
+
+
+def _check_sampler(prefix: str, steps: int, guidance: float, diffusion_steps: int) -> None:
+    """Sampler steps within the diffusion's steps, and a finite guidance scale."""
+    check(1 <= steps <= diffusion_steps,
+          f"{_name(prefix, 'steps')}={steps} must be in 1..{diffusion_steps} "
+          f"(diffusion.steps={diffusion_steps})")
+    check_finite(_name(prefix, "guidance"), guidance)
+
+
+def check_sample(s: SampleConfig, diffusion_steps: int, prefix: str = "sample.") -> None:
+    """Sampling settings (config keys, or the sample command's flags with prefix '--')."""
+    _check_sampler(prefix, s.steps, s.guidance, diffusion_steps)
+    check_at_least(_name(prefix, "eta"), s.eta, 0)
+    check_at_least(_name(prefix, "per_class"), s.per_class, 1)
+
+
+def check_fid(f: FidConfig, diffusion_steps: int, prefix: str = "fid.") -> None:
+    """FID settings (config keys, or the fid command's flags with prefix '--')."""
+    _check_sampler(prefix, f.steps, f.guidance, diffusion_steps)
+    check_at_least(_name(prefix, "num_samples"), f.num_samples, 2)
+    check_at_least(_name(prefix, "batch_size"), f.batch_size, 1)
+
+
+def unet_resolutions(m: ModelConfig) -> list[int]:
+    """The feature-map sizes of the UNet's levels, from image_size down."""
+    return [m.image_size // 2**i for i in range(len(m.channel_mult))]
+
+
+SEED_UNET_FIXED = ("channels", "channel_mult", "num_res_blocks", "attention_resolutions",
+                   "dropout")
+
+
+def _validate_model(m: ModelConfig) -> None:
+    check_at_least("model.num_classes", m.num_classes, 1)
+    check_at_least("model.cond_dim", m.cond_dim, 1)
+    if m.name == "seed_unet":
+        default = ModelConfig()
+        for key in SEED_UNET_FIXED:
+            check(getattr(m, key) == getattr(default, key),
+                  f"model.{key} has no effect with model.name=seed_unet (the code-along's fixed "
+                  "U-Net); remove it, or use model.name=unet")
+        check(m.image_size >= 8 and m.image_size % 4 == 0,
+              f"model.image_size={m.image_size} must be a multiple of 4 (>= 8): seed_unet halves "
+              "it twice; e.g. 32")
+        return
+    check(len(m.channel_mult) > 0 and min(m.channel_mult) >= 1,
+          f"model.channel_mult={m.channel_mult} must list one or more multipliers >= 1")
+    check_at_least("model.num_res_blocks", m.num_res_blocks, 1)
+    check_fraction("model.dropout", m.dropout, upper_open=True)
+    halvings = len(m.channel_mult) - 1
+    factor = 2**halvings
+    check(m.image_size >= max(8, factor) and m.image_size % factor == 0,
+          f"model.image_size={m.image_size} must be a multiple of {factor} (>= 8): the UNet "
+          f"halves it {halvings} time(s), one per model.channel_mult level after the first; "
+          f"e.g. {max(32, factor)}")
+    resolutions = unet_resolutions(m)
+    for r in m.attention_resolutions:
+        check(r in resolutions, f"model.attention_resolutions: {r} is not a resolution of this "
+                                f"UNet ({', '.join(map(str, resolutions))}); list some of those, "
+                                "or [] for attention in the middle block only")
+    for width in {m.channels * k for k in m.channel_mult}:
+        check(width % 8 == 0, f"model.channels={m.channels}: every level's width (channels x "
+                              f"channel_mult) must be a multiple of 8 for GroupNorm, {width} is "
+                              "not; e.g. model.channels=32")
+        heads = max(1, width // 32)
+        check(width % heads == 0, f"model.channels={m.channels}: width {width} does not split "
+                                  f"into {heads} attention heads of 32; e.g. model.channels=32")
+
+
+def _validate_train(t: TrainConfig) -> None:
+    for key in ("batch_size", "grad_accum", "max_steps", "log_every", "ckpt_every",
+                "max_nonfinite"):
+        check_at_least(f"train.{key}", getattr(t, key), 1)
+    for key in ("warmup_steps", "sample_every", "keep_last", "milestone_every", "num_threads",
+                "profile_steps", "weight_decay", "grad_clip", "ema_rampup_ratio",
+                "time_limit_minutes", "lock_wait_s"):
+        check_at_least(f"train.{key}", getattr(t, key), 0)
+    check(t.batch_size % t.grad_accum == 0,
+          f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}; "
+          f"choose a multiple of {t.grad_accum}")
+    check(math.isfinite(t.lr) and t.lr > 0, f"train.lr={t.lr} must be a positive number")
+    check(t.ema_halflife_kimg > 0 and math.isfinite(t.ema_halflife_kimg),
+          f"train.ema_halflife_kimg={t.ema_halflife_kimg} must be a positive number")
+    check_fraction("train.min_lr_ratio", t.min_lr_ratio)
+    check(len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas),
+          f"train.adam_betas={t.adam_betas} must be two numbers in [0, 1), e.g. [0.9,0.999]")
+    if t.resume not in ("auto", "never"):
+        check(Path(t.resume).is_file(), f"train.resume={t.resume}: no such checkpoint file "
+                                         "(use auto, never, or the path of a ckpt-*.pt file)")
+
+
+def validate(cfg: Config) -> None:
+    """Check ranges and cross-key rules; raise a one-line UserError naming the fix."""
+    _validate_model(cfg.model)
+    check_at_least("diffusion.steps", cfg.diffusion.steps, 2)
+    check_fraction("diffusion.cfg_dropout", cfg.diffusion.cfg_dropout)
+    _validate_train(cfg.train)
+    check_sample(cfg.sample, cfg.diffusion.steps)
+    check_fid(cfg.fid, cfg.diffusion.steps)
+    check_at_least("fid.every", cfg.fid.every, 0)
+    check(bool(cfg.out_dir.strip()), "out_dir must not be empty")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.datasets import FashionMNIST
 
-from ddp_diffusion.config import UserError
+from ddp_diffusion.errors import UserError
 
 RAW_FILES = (
     "train-images-idx3-ubyte",
@@ -71,6 +71,14 @@ def to_model_range(images: torch.Tensor, size: int = 32) -> torch.Tensor:
     return F.pad(x, (pad // 2,) * 4, value=-1.0)
 
 
+def fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """A short hash of a dataset's pixels and labels."""
+    h = hashlib.blake2b(digest_size=16)
+    for t in (images, labels):
+        h.update(t.contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
 def derive_seed(*parts: int | str) -> int:
     """A 63-bit seed from (seed, stream name, step, ...): streams never overlap or correlate."""
     digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
@@ -103,6 +111,7 @@ class InMemoryData:
                  device: torch.device, image_size: int = 32) -> None:
         if batch_size > len(images):
             raise UserError(f"train.batch_size={batch_size} exceeds the {len(images)} images")
+        self.fingerprint = fingerprint(images, labels)
         self.images = images.to(device)  # uint8: 47 MB for the full training set
         self.labels = labels.to(device)
         self.batch_size = batch_size
@@ -117,6 +126,19 @@ class InMemoryData:
     def position(self, step: int) -> tuple[int, int]:
         """(epoch, batch index within the epoch) of a global step."""
         return divmod(step, self.steps_per_epoch)
+
+    def state_dict(self) -> dict[str, int | str]:
+        """What a checkpoint records of the data: the position is a function of the step, so
+        only the source is stored, to refuse resuming on different data."""
+        return {"num_images": len(self.images), "fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: dict[str, int | str]) -> None:
+        """Check that the checkpoint was trained on this same data (format 1 did not say)."""
+        if state and state != self.state_dict():
+            raise UserError(
+                f"the training data changed since this checkpoint ({state['num_images']} images "
+                f"then, {len(self.images)} now, or different contents): resume with the data it "
+                "was trained on, or start a new run (train.resume=never or a new out_dir)")
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._perm_epoch:

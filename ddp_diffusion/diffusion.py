@@ -68,14 +68,23 @@ class ConditionalDenoiser(nn.Module):
 
     def __init__(self, net: nn.Module, num_classes: int, cond_dim: int) -> None:
         super().__init__()
+        self.cond_dim = cond_dim
         self.class_embedding = nn.Embedding(num_classes, cond_dim)
         # p=0: CFGuidance must not drop labels itself (we do, deterministically, in forward).
-        self.cfg = CFGuidance(net, {COND_KEY: cond_dim}, p=0.0, guidance=0.0)
+        self.cfguidance = CFGuidance(net, {COND_KEY: cond_dim}, p=0.0, guidance=0.0)
+        self._register_load_state_dict_pre_hook(_rename_old_keys)
 
     @property
     def null_embedding(self) -> Tensor:
         """The learned unconditional embedding, shape (1, cond_dim)."""
-        return self.cfg.train_unconditional_embedding[COND_KEY]
+        return self.cfguidance.train_unconditional_embedding[COND_KEY]
+
+    def guided(self, guidance: float) -> CFGuidance:
+        """The network with guidance g, `(1+g)*cond - g*uncond`, sharing this module's weights
+        (the training module itself is never changed)."""
+        return CFGuidance(self.cfguidance.model, {COND_KEY: self.cond_dim}, p=0.0,
+                          guidance=guidance,
+                          train_unconditional_embeddings={COND_KEY: self.null_embedding.detach()})
 
     def condition(self, labels: Tensor, drop: Tensor | None = None) -> dict[str, Tensor]:
         """Class embeddings; rows where `drop` is set get the null embedding (CFG training)."""
@@ -87,7 +96,13 @@ class ConditionalDenoiser(nn.Module):
 
     def forward(self, xt: Tensor, t: Tensor, labels: Tensor, drop: Tensor | None = None
                 ) -> DiffusionOutput:
-        return self.cfg(xt, t, self.condition(labels, drop))
+        return self.cfguidance(xt, t, self.condition(labels, drop))
+
+
+def _rename_old_keys(state: dict[str, Tensor], prefix: str, *args: object) -> None:
+    """Read weights saved before the guidance module was renamed from `cfg` to `cfguidance`."""
+    for key in [k for k in state if k.startswith(prefix + "cfg.")]:
+        state[prefix + "cfguidance." + key[len(prefix) + 4:]] = state.pop(key)
 
 
 class Diffusion:
@@ -124,16 +139,16 @@ class Diffusion:
 
     def sampler(self, denoiser: ConditionalDenoiser, kind: str, steps: int, guidance: float,
                 eta: float = 0.0) -> nn.Module:
-        """A torchmultimodal DDPM (respaced) or DDIM sampler with CFG, in eval mode."""
+        """A torchmultimodal DDPM (respaced) or DDIM sampler with CFG scale g, in eval mode."""
         if not 1 <= steps <= self.cfg.steps:
             raise ValueError(f"sampling steps must be in 1..{self.cfg.steps}, got {steps}")
-        denoiser.cfg.guidance = guidance
+        guided = denoiser.guided(guidance)
         eval_steps = torch.linspace(0, self.cfg.steps - 1, steps).round().long().unique()
         if kind == "ddpm":
-            module: nn.Module = DDPModule(denoiser.cfg, self.schedule, self.predictor,
+            module: nn.Module = DDPModule(guided, self.schedule, self.predictor,
                                           eval_steps=eval_steps, progress_bar=False)
         elif kind == "ddim":
-            module = DDIModule(denoiser.cfg, self.schedule, self.predictor,
+            module = DDIModule(guided, self.schedule, self.predictor,
                                eval_steps=eval_steps, progress_bar=False, eta=eta)
         else:
             raise ValueError(f"unknown sampler {kind!r}; use ddpm or ddim")

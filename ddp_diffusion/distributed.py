@@ -5,11 +5,17 @@ from __future__ import annotations
 import datetime
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+from ddp_diffusion.errors import ERRORS, DDPDiffusionError
+
+T = TypeVar("T")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
@@ -120,6 +126,26 @@ def broadcast_object(obj: object) -> object:
     return box[0]
 
 
+def run_on_main(is_main: bool, fn: Callable[[], T]) -> T | None:
+    """Run fn on rank 0 only; if it fails with one of our errors, raise that error on every
+    rank, so no rank is left waiting in a collective for one that has stopped.
+
+    Returns fn's result on rank 0 and None elsewhere. Only the error's type and message travel.
+    """
+    result, failure = None, None
+    if is_main:
+        try:
+            result = fn()
+        except DDPDiffusionError as e:
+            failure = (type(e).__name__, str(e))
+            if not dist.is_initialized():
+                raise
+    failure = broadcast_object(failure)
+    if failure is not None:
+        raise ERRORS[failure[0]](failure[1])
+    return result
+
+
 def mean_across_ranks(t: torch.Tensor) -> torch.Tensor:
     """Average a tensor over ranks (a collective on the training backend)."""
     if dist.is_initialized():
@@ -130,11 +156,17 @@ def mean_across_ranks(t: torch.Tensor) -> torch.Tensor:
 
 
 class StopRequest:
-    """Remembers SIGTERM/SIGUSR1/SIGUSR2 so the trainer finishes its step, saves and exits."""
+    """Remembers SIGTERM/SIGUSR1/SIGUSR2 so the trainer finishes its step, saves and exits.
+
+    The handlers stay installed until the process exits: torchrun sends SIGTERM to the other
+    ranks as soon as one exits with 75, and a rank still leaving the process group must not
+    die of it.
+    """
 
     def __init__(self) -> None:
         self.signal: int | None = None
-        self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+        for s in STOP_SIGNALS:
+            signal.signal(s, self._handle)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.signal = signum
@@ -142,8 +174,3 @@ class StopRequest:
     @property
     def requested(self) -> bool:
         return self.signal is not None
-
-    def restore(self) -> None:
-        """Reinstall the handlers that were there before."""
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)

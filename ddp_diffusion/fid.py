@@ -27,9 +27,10 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 
 from ddp_diffusion import checkpoint, distributed
 from ddp_diffusion.classifier import FashionClassifier, load_classifier, to_uint8
-from ddp_diffusion.config import Config, FidConfig, UserError
+from ddp_diffusion.config import Config, FidConfig, check_fid
 from ddp_diffusion.data import derive_seed, load_split
 from ddp_diffusion.diffusion import ConditionalDenoiser, Diffusion
+from ddp_diffusion.errors import UserError
 from ddp_diffusion.sample import generate
 
 log = logging.getLogger("ddp_diffusion")
@@ -186,10 +187,7 @@ def chunk_labels(chunk: int, batch_size: int, num_samples: int, num_classes: int
 def evaluate(denoiser: ConditionalDenoiser, diffusion: Diffusion, cfg: Config, fc: FidConfig,
              seed: int, precision: str = "fp32") -> dict[str, Any]:
     """FID and class accuracy of fc.num_samples generated images; call it on every rank."""
-    if fc.num_samples < 2 or fc.batch_size < 1:
-        raise UserError("FID needs fid.num_samples >= 2 and fid.batch_size >= 1")
-    if not 1 <= fc.steps <= diffusion.num_timesteps:
-        raise UserError(f"sampling steps must be in 1..{diffusion.num_timesteps}, got {fc.steps}")
+    check_fid(fc, diffusion.num_timesteps)
     start = time.perf_counter()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = next(denoiser.parameters()).device

@@ -11,10 +11,12 @@ from PIL import Image, ImageDraw
 from torchvision.utils import make_grid
 
 from ddp_diffusion import checkpoint
-from ddp_diffusion.config import Config, UserError, from_dict
+from ddp_diffusion.config import Config, from_dict
 from ddp_diffusion.data import CLASS_NAMES, SHORT_NAMES, derive_seed
 from ddp_diffusion.diffusion import ConditionalDenoiser, Diffusion
+from ddp_diffusion.errors import UserError
 from ddp_diffusion.model import build_denoiser
+from ddp_diffusion.precision import autocast
 
 LABEL_WIDTH = 84  # pixels left of each grid row for the class name
 
@@ -25,42 +27,17 @@ def parse_classes(spec: str) -> list[int]:
         return list(range(len(CLASS_NAMES)))
     lookup = {n.lower(): i for i, n in enumerate(CLASS_NAMES)}
     lookup.update({n: i for i, n in enumerate(SHORT_NAMES)})
+    lookup.update({str(i): i for i in range(len(CLASS_NAMES))})
     out = []
     for item in (s.strip().lower() for s in spec.split(",") if s.strip()):
-        if item.isdigit() and int(item) < len(CLASS_NAMES):
-            out.append(int(item))
-        elif item in lookup:
-            out.append(lookup[item])
-        else:
-            raise UserError(f"unknown class '{item}'; use one of: all, {', '.join(SHORT_NAMES)}")
+        if item not in lookup:
+            raise UserError(f"unknown class '{item}'; use one of: all, {', '.join(SHORT_NAMES)} "
+                            f"(or 0..{len(CLASS_NAMES) - 1})")
+        out.append(lookup[item])
+    if not out:
+        raise UserError(f"--classes '{spec}' names no class; use all, or names or indices such "
+                        "as sneaker,bag or 7,8")
     return out
-
-
-def bf16_is_fast(device: torch.device) -> bool:
-    """Whether bf16 convolutions run natively (CUDA, or a CPU with AVX-512 BF16/AMX).
-
-    Without native support PyTorch falls back to a slow reference convolution: measured 8x
-    slower than fp32 on an AVX2-only CPU.
-    """
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return bool(torch.backends.mkldnn.is_available()
-                and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> bf16 where it is fast on this device, else fp32; other values unchanged."""
-    if precision == "auto":
-        return "bf16" if bf16_is_fast(device) else "fp32"
-    return precision
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16/fp16 autocast on the device, or nothing for fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
 
 
 @contextlib.contextmanager
@@ -86,7 +63,6 @@ def generate(denoiser: ConditionalDenoiser, diffusion: Diffusion, labels: torch.
             x = torch.randn(len(labels), 1, image_size, image_size, device=device)
             images = module(x, conditional_inputs=denoiser.condition(labels.to(device)))
     finally:
-        denoiser.cfg.guidance = 0.0
         denoiser.train(was_training)
     return images.float().clamp(-1, 1)
 
@@ -106,21 +82,35 @@ def save_grid(images: torch.Tensor, classes: list[int], per_class: int, path: Pa
     return path
 
 
-def load_run(run_dir: Path, ckpt_path: Path | None, use_ema: bool, device: torch.device
-             ) -> tuple[Config, ConditionalDenoiser, Diffusion, int]:
-    """Config, denoiser (EMA weights by default), diffusion and step of a run's checkpoint."""
-    if ckpt_path is None:
-        found = checkpoint.newest_loadable(run_dir / "checkpoints")
-        if found is None:
-            raise UserError(f"no loadable checkpoint in {run_dir / 'checkpoints'}; train first")
-        ckpt_path, state = found
-    else:
+def find_checkpoint(run_dir: Path, ckpt_path: Path | None) -> tuple[Path, dict]:
+    """The checkpoint a command reads: `ckpt_path`, or the newest readable one of the run."""
+    if ckpt_path is not None:
+        if not ckpt_path.is_file():
+            raise UserError(f"--checkpoint {ckpt_path}: no such file")
         try:
-            state = checkpoint.load(ckpt_path)
+            return ckpt_path, checkpoint.read(ckpt_path)
         except checkpoint.CheckpointError as e:
             raise UserError(str(e)) from None
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} does not exist; pass the out_dir of a run")
+    ckpt_dir = run_dir / "checkpoints"
+    found, failures = checkpoint.newest_readable(ckpt_dir)
+    if found is None:
+        if failures:
+            raise UserError(checkpoint.none_readable(ckpt_dir, failures))
+        raise UserError(f"no checkpoints in {ckpt_dir}; train first (ddp-diffusion train "
+                        f"out_dir={run_dir})")
+    return found
+
+
+def load_run(run_dir: Path, ckpt_path: Path | None, use_ema: bool | None, device: torch.device
+             ) -> tuple[Config, ConditionalDenoiser, Diffusion, int]:
+    """Config, denoiser (EMA or raw weights; None: the run's sample.use_ema), diffusion and step
+    of a run's checkpoint."""
+    _, state = find_checkpoint(run_dir, ckpt_path)
     cfg = from_dict(state["config"])
     diffusion = Diffusion(cfg.diffusion)
     denoiser = build_denoiser(cfg.model, diffusion.num_timesteps)
-    denoiser.load_state_dict(state["ema"] if use_ema else state["model"])
+    ema = cfg.sample.use_ema if use_ema is None else use_ema
+    denoiser.load_state_dict(state["ema"] if ema else state["model"])
     return cfg, denoiser.to(device).eval(), diffusion, int(state["step"])

@@ -34,10 +34,11 @@ import submitit
 from submitit.core import utils as submitit_utils
 
 from ddp_diffusion import checkpoint
-from ddp_diffusion.config import Config, UserError
+from ddp_diffusion.config import Config
 from ddp_diffusion.data import check_batch
 from ddp_diffusion.distributed import STOP_SIGNALS
-from ddp_diffusion.train import EXIT_PREEMPTED, train
+from ddp_diffusion.errors import EXIT_PREEMPTED, UserError
+from ddp_diffusion.train import train
 
 log = logging.getLogger("ddp_diffusion")
 
@@ -122,6 +123,9 @@ def build_executor(opts: SubmitOptions, out_dir: str) -> submitit.AutoExecutor:
         slurm_partition=opts.partition, slurm_account=opts.account, slurm_qos=opts.qos,
         slurm_mem=opts.mem, slurm_constraint=opts.constraint, slurm_exclude=opts.exclude,
         slurm_signal_delay_s=opts.signal_delay_s,
+        # A task that fails ends the job step, instead of leaving the other ranks blocked in a
+        # collective until its timeout.
+        slurm_srun_args=["--kill-on-bad-exit=1"],
         slurm_additional_parameters={"requeue": True, **opts.sbatch},
     )
     return executor

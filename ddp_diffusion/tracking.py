@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ddp_diffusion.config import Config, to_dict
+from ddp_diffusion.errors import UserError, WriteFailed
 
 log = logging.getLogger("ddp_diffusion")
 
@@ -26,12 +27,28 @@ def new_run_id() -> str:
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop records logged after `last_step` (work lost by a crash that a resume redoes)."""
+    """Drop records logged after `last_step` (work lost by a crash that a resume redoes).
+
+    A torn last line (a crash mid-write) is dropped with a warning; a bad line elsewhere is an
+    error naming it.
+    """
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    tmp = path.with_suffix(".tmp")
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = []
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if n < len(lines):
+                raise UserError(f"{path} line {n} is not a JSON record ({line[:40]!r}); fix or "
+                                "delete that line") from None
+            log.warning("%s: dropping its torn last line (a run stopped while writing it): "
+                        "%r", path, line[:80])
+            continue
+        if record.get("step", 0) <= last_step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)
 
@@ -52,13 +69,20 @@ class Tracker:
             import wandb  # imported lazily: it costs ~1 s and rank>0 never needs it
 
             os.environ.setdefault("WANDB_SILENT", "true")
-            self.run = wandb.init(
-                project=cfg.tracking.project, entity=cfg.tracking.entity,
-                name=cfg.tracking.name, tags=cfg.tracking.tags or None,
-                config=to_dict(cfg), id=run_id, resume="allow", mode=cfg.tracking.wandb,
-                dir=str(Path(cfg.out_dir).resolve()),
-                settings=wandb.Settings(console="off"),
-            )
+            try:
+                self.run = wandb.init(
+                    project=cfg.tracking.project, entity=cfg.tracking.entity,
+                    name=cfg.tracking.name, tags=cfg.tracking.tags or None,
+                    config=to_dict(cfg), id=run_id, resume="allow", mode=cfg.tracking.wandb,
+                    dir=str(Path(cfg.out_dir).resolve()),
+                    settings=wandb.Settings(console="off"),
+                )
+            except Exception as e:  # W&B raises many types (UsageError, CommError, ...)
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise UserError(
+                    f"W&B could not start ({type(e).__name__}: {first}): run `wandb login` or "
+                    "set WANDB_API_KEY, or use tracking.wandb=offline (sync later) or "
+                    "tracking.wandb=disabled") from None
 
     @property
     def wandb_dir(self) -> str | None:
@@ -69,8 +93,13 @@ class Tracker:
         """Append one record {step, **metrics} to metrics.jsonl and W&B."""
         if not self.active:
             return
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        try:
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+        except OSError as e:
+            raise WriteFailed(f"could not append to {self.metrics_path} ({e.strerror}); the "
+                              "newest checkpoint is intact: free space and run the same "
+                              "command again") from None
         self._wandb(lambda run: run.log(metrics, step=step))
 
     def log_image(self, step: int, key: str, path: Path) -> None:

@@ -1,45 +1,48 @@
-"""The training loop: one function, read top to bottom, single-process or under torchrun.
+"""Training: `_train` is the control loop, read top to bottom; `train_step` computes one step.
 
-Exact resumption: every random draw of step s (data order, timesteps, noise, label dropout,
-model dropout) is a pure function of (seed, s), and a checkpoint holds everything else that
-changes (weights, EMA, optimizer, LR schedule, grad scaler, RNG states), so a run resumed
-from step k continues bitwise identically to one that never stopped.
+Exact resumption: every random draw of step s (data order, timesteps, noise, label dropout) is
+a pure function of (seed, s) and the sample's index in the global batch, the learning rate is
+a function of s, and a checkpoint holds everything else that changes (weights, EMA, optimizer
+moments, loss scale, progress), so a run resumed from step k continues bitwise identically to
+one that never stopped, and on another world size identically up to floating-point reduction
+order. Model dropout draws its masks per rank (from (seed, s, rank)): with model.dropout > 0
+only a resume at the same world size is exact.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from ddp_diffusion import checkpoint, config, distributed
-from ddp_diffusion.config import Config
-from ddp_diffusion.data import InMemoryData, check_batch, derive_seed, load_split
+from ddp_diffusion import checkpoint, config, distributed, rundir
+from ddp_diffusion.checkpoint import CheckpointManager, ResumePlan
+from ddp_diffusion.config import Config, TrainConfig
+from ddp_diffusion.data import Batch, InMemoryData, check_batch, derive_seed, load_split
 from ddp_diffusion.diffusion import Diffusion
 from ddp_diffusion.distributed import DistEnv
 from ddp_diffusion.ema import EMA, ema_beta
+from ddp_diffusion.errors import EXIT_OK, EXIT_PREEMPTED, TrainingDiverged, UserError
 from ddp_diffusion.model import build_denoiser, count_parameters, forward_gflops
-from ddp_diffusion.sample import autocast, bf16_is_fast, generate, resolve_precision, save_grid
+from ddp_diffusion.precision import autocast, bf16_is_fast, resolve_precision
+from ddp_diffusion.sample import generate, save_grid
 from ddp_diffusion.tracking import Tracker, new_run_id
 
 log = logging.getLogger("ddp_diffusion")
-
-EXIT_OK = 0
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving; run again to continue
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss was non-finite for too many steps in a row."""
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -50,6 +53,13 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
         return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def learning_rate(tc: TrainConfig, step: int) -> float:
+    """The learning rate of a step: a pure function of the config, so a changed schedule or
+    train.lr takes effect on resume."""
+    return tc.lr * lr_factor(step, tc.warmup_steps, tc.max_steps, tc.lr_schedule,
+                             tc.min_lr_ratio)
 
 
 def library_versions() -> dict[str, str]:
@@ -65,12 +75,60 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def rng_state(env: DistEnv) -> dict[str, torch.Tensor]:
-    """This rank's CPU (and CUDA) RNG state."""
-    state = {"cpu": torch.get_rng_state()}
-    if env.device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(env.device)
-    return state
+def all_finite(tensors: Iterable[Tensor]) -> bool:
+    """Whether every element of every tensor is finite (one host sync)."""
+    return bool(torch.stack([t.detach().isfinite().all() for t in tensors]).all())
+
+
+@dataclass
+class Progress:
+    """Where training stands; checkpointed as `progress`."""
+
+    step: int = 0
+    images_seen: int = 0
+    run_id: str = field(default_factory=new_run_id)  # the W&B run, continued on resume
+    nonfinite_total: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            if value is not None:
+                setattr(self, key, value)
+
+
+class OptimizerState:
+    """The optimizer as a checkpointed part: its moments are restored; its hyperparameters (lr,
+    betas, weight decay, ...) stay those of the current config, so changing them on resume
+    takes effect."""
+
+    def __init__(self, opt: torch.optim.Optimizer) -> None:
+        self.opt = opt
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.opt.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in self.opt.param_groups]
+        self.opt.load_state_dict(state)
+        for group, current in zip(self.opt.param_groups, settings, strict=True):
+            group.update(current)
+
+
+class ScalerState:
+    """The fp16 loss scale as a checkpointed part. fp32 and bf16 runs save it empty; an fp16
+    resume of such a run starts a new scale, and other precisions ignore a saved one."""
+
+    def __init__(self, scaler: torch.amp.GradScaler) -> None:
+        self.scaler = scaler
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scaler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state)
 
 
 def start_profiler(steps: int, out_dir: Path, env: DistEnv) -> torch.profiler.profile | None:
@@ -97,20 +155,87 @@ def start_profiler(steps: int, out_dir: Path, env: DistEnv) -> torch.profiler.pr
     return prof
 
 
+def prepare_run_dir(cfg: Config, lock: rundir.RunLock) -> tuple[ResumePlan, Tracker]:
+    """Rank 0, before any training: lock out_dir, remove stale temp files, decide what to resume
+    from (unusable or incompatible checkpoints are refused before anything changes), move an
+    earlier run's files aside, write the resolved config and start the tracker."""
+    out_dir = Path(cfg.out_dir)
+    lock.acquire(cfg.train.lock_wait_s)
+    rundir.remove_stale_temp_files(out_dir)
+    plan = checkpoint.plan_resume(cfg.train.resume, out_dir / rundir.CHECKPOINTS)
+    if plan.state is not None:
+        checkpoint.check_compatible(plan.state["config"], config.to_dict(cfg), plan.path)
+    rundir.move_aside(out_dir, plan.move_aside, plan.new_run)
+    config.save(cfg, out_dir / "config.yaml")
+    progress = Progress()
+    if plan.state is not None:
+        progress.load_state_dict(plan.state["progress"])
+    tracker = Tracker(cfg, progress.run_id, active=True, resumed_step=progress.step)
+    return plan, tracker
+
+
+def log_resume(state: dict[str, Any], path: str, cfg: Config, env: DistEnv) -> None:
+    """Say what is resumed, which settings changed (they take effect now) and the world size."""
+    step = int(state["step"])
+    log.info("resuming from %s (step %d)", path, step)
+    changed = checkpoint.changed_settings(state["config"], config.to_dict(cfg))
+    if changed:
+        log.info("settings changed since that checkpoint, in effect from step %d: %s", step,
+                 "; ".join(changed))
+    saved_world = state.get("world_size", env.world_size)
+    if saved_world != env.world_size:
+        log.warning("world size changed on resume: saved at %d, resumed at %d. The same global "
+                    "batches and noise continue; the result matches an uninterrupted run up to "
+                    "floating-point reduction order%s", saved_world, env.world_size,
+                    " (not the dropout masks: model.dropout > 0 draws them per rank)"
+                    if cfg.model.dropout > 0 else "")
+
+
+def train_step(model: nn.Module, no_sync: Callable[[], contextlib.AbstractContextManager],
+               diffusion: Diffusion, batches: list[Batch], opt: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, tc: TrainConfig, precision: str
+               ) -> tuple[Tensor, Tensor]:
+    """Forward and backward over this rank's micro-batches, then unscale and clip the gradients.
+
+    Returns the step's mean loss and the gradient norm before clipping, both still on the
+    device (no host sync). Gradients are all-reduced on the last micro-batch only.
+    """
+    memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
+    device = batches[0].x0.device
+    step_loss = torch.zeros((), device=device)
+    for k, mb in enumerate(batches):
+        last = k == len(batches) - 1
+        x0 = mb.x0.contiguous(memory_format=memory_format)
+        with contextlib.nullcontext() if last else no_sync():
+            with autocast(device, precision):
+                xt = diffusion.q_sample(x0, mb.noise, mb.t)
+                out = model(xt, mb.t, mb.labels, mb.drop)
+                loss = diffusion.loss(out, x0, xt, mb.noise, mb.t)
+            scaler.scale(loss / len(batches)).backward()
+        step_loss += loss.detach() / len(batches)
+    scaler.unscale_(opt)
+    params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+    if tc.grad_clip > 0:
+        return step_loss, torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+    return step_loss, torch.nn.utils.get_total_norm([p.grad for p in params])
+
+
 def train(cfg: Config) -> int:
     """Train as configured; returns the exit code (0 done, 75 stopped by a signal after saving)."""
-    env = distributed.init(cfg.train.num_threads)
-    if not env.is_main:
-        logging.getLogger("ddp_diffusion").setLevel(logging.WARNING)  # other ranks stay quiet
-    stop = distributed.StopRequest()
+    stop = distributed.StopRequest()  # before the rendezvous, which can take minutes
+    lock = rundir.RunLock(Path(cfg.out_dir))
     try:
-        return _train(cfg, env, stop)
+        env = distributed.init(cfg.train.num_threads)
+        if not env.is_main:
+            logging.getLogger("ddp_diffusion").setLevel(logging.WARNING)  # other ranks stay quiet
+        return _train(cfg, env, stop, lock)
     finally:
-        stop.restore()
+        lock.release()
         distributed.shutdown()
 
 
-def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest) -> int:
+def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest,
+           lock: rundir.RunLock) -> int:
     tc = cfg.train
     check_batch(tc.batch_size, env.world_size, tc.grad_accum)
     precision = resolve_precision(tc.precision, env.device)
@@ -119,27 +244,31 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest) -> int:
                     "it to be several times slower than fp32 (use train.precision=auto)",
                     env.device.type)
     out_dir = Path(cfg.out_dir)
-    ckpt_dir = out_dir / "checkpoints"
 
     # Data first (fails fast): the whole training set lives on the device, and the batches
     # are deterministic per step.
     images, labels = load_split(cfg.data.root, train=True, debian_dir=cfg.data.debian_dir,
                                 download=cfg.data.download)
+    if int(labels.max()) >= cfg.model.num_classes:
+        raise UserError(f"model.num_classes={cfg.model.num_classes} but the data has labels up "
+                        f"to {int(labels.max())}; set model.num_classes={int(labels.max()) + 1}")
     data = InMemoryData(images, labels, tc.batch_size, cfg.seed, env.device, cfg.model.image_size)
 
-    # Resume: rank 0 picks the newest checkpoint that loads cleanly; every rank loads that one.
-    found = checkpoint.resolve_resume(tc.resume, ckpt_dir) if env.is_main else None
-    resume_path = distributed.broadcast_object(str(found[0]) if found else None)
-    state: dict[str, Any] | None = None
-    if resume_path is not None:
-        state = found[1] if found else checkpoint.load(Path(resume_path))
-        changed = checkpoint.check_compatible(state["config"], config.to_dict(cfg), resume_path)
-        log.info("resuming from %s (step %d)%s", resume_path, state["step"],
-                 f"; changed settings: {', '.join(changed)}" if changed else "")
-    if env.is_main:
-        config.save(cfg, out_dir / "config.yaml")
+    # Rank 0 takes the run directory and picks the checkpoint; every rank then loads that one.
+    prepared = distributed.run_on_main(env.is_main, functools.partial(prepare_run_dir, cfg, lock))
+    plan, tracker = prepared or (None, None)
+    run_id, resume_path = distributed.broadcast_object(
+        (tracker.run_id, plan.path and str(plan.path)) if prepared else None)
+    if tracker is None:
+        tracker = Tracker(cfg, run_id, active=False, resumed_step=0)
+    state = plan.state if plan is not None else None
+    if resume_path is not None and state is None:
+        try:
+            state = checkpoint.read(Path(resume_path))
+        except checkpoint.CheckpointError as e:
+            raise UserError(f"rank {env.rank}: {e}") from None
 
-    # Model, EMA, optimizer, LR schedule, loss scaler. Same init on every rank (DDP checks).
+    # Model, EMA, optimizer, loss scaler. Same init on every rank (DDP checks).
     torch.manual_seed(cfg.seed)
     diffusion = Diffusion(cfg.diffusion)
     model = build_denoiser(cfg.model, diffusion.num_timesteps).to(env.device)
@@ -149,132 +278,120 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest) -> int:
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = EMA(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.adam_betas),
-                            weight_decay=tc.weight_decay,
+    opt = torch.optim.AdamW(model.parameters(), lr=learning_rate(tc, 0),
+                            betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay,
                             fused=env.device.type == "cuda" or None)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(
-        lr_factor, warmup=tc.warmup_steps, total=tc.max_steps, schedule=tc.lr_schedule,
-        min_ratio=tc.min_lr_ratio))
     scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
-
-    step, images_seen, run_id = 0, 0, new_run_id()
+    progress = Progress(run_id=run_id)
+    ckpt = CheckpointManager(out_dir / rundir.CHECKPOINTS, {
+        "model": model, "ema": ema, "optimizer": OptimizerState(opt),
+        "grad_scaler": ScalerState(scaler), "data": data, "progress": progress,
+    }, tc.keep_last, tc.milestone_every)
     if state is not None:
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["lr_schedule"])
-        scaler.load_state_dict(state["grad_scaler"])
-        step, images_seen = int(state["step"]), int(state["images_seen"])
-        run_id = state["wandb_run_id"]
-        saved_rng = state["rng"]
-        if len(saved_rng) == env.world_size:
-            torch.set_rng_state(saved_rng[env.rank]["cpu"])
-            if "cuda" in saved_rng[env.rank] and env.device.type == "cuda":
-                torch.cuda.set_rng_state(saved_rng[env.rank]["cuda"], env.device)
-        del state
+        ckpt.restore(state, resume_path)
+        log_resume(state, resume_path, cfg, env)
+        del state, plan
+    if tracker.wandb_dir:
+        log.info("W&B run %s (%s) in %s", progress.run_id, cfg.tracking.wandb, tracker.wandb_dir)
 
-    ddp = model
+    # What the step calls: the model, inside DDP when distributed, compiled when asked.
+    train_model: nn.Module = model
+    ddp = None
     if env.distributed:
         ddp = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
                   gradient_as_bucket_view=True, bucket_cap_mb=25)
-    forward = torch.compile(ddp) if tc.compile else ddp
-    tracker = Tracker(cfg, run_id, active=env.is_main, resumed_step=step)
-    if tracker.wandb_dir:
-        log.info("W&B run %s (%s) in %s", run_id, cfg.tracking.wandb, tracker.wandb_dir)
+        train_model = ddp
+    if tc.compile:
+        train_model = torch.compile(train_model)
+    no_sync = ddp.no_sync if ddp is not None else contextlib.nullcontext
 
-    def save_checkpoint() -> Path | None:
-        """All ranks gather RNG states; rank 0 writes the file atomically."""
-        rngs = distributed.all_gather_objects(rng_state(env))
-        if not env.is_main:
-            return None
-        epoch, index = data.position(step)
-        return checkpoint.save({
-            "step": step, "images_seen": images_seen,
-            "model": model.state_dict(), "ema": ema.state_dict(),
-            "optimizer": opt.state_dict(), "lr_schedule": sched.state_dict(),
-            "grad_scaler": scaler.state_dict(),
-            "data_position": {"epoch": epoch, "batch_in_epoch": index,
-                              "steps_per_epoch": data.steps_per_epoch},
-            "rng": rngs, "world_size": env.world_size,
-            "config": config.to_dict(cfg), "wandb_run_id": run_id,
-            "versions": library_versions(),
-        }, ckpt_dir, step, tc.keep_last, tc.milestone_every)
+    def save_checkpoint() -> None:
+        """Rank 0 writes the checkpoint of this step; every rank learns if that failed."""
 
-    def sample_grid() -> None:
-        """Rank 0 draws one row per class with the EMA weights and logs the grid."""
+        def write() -> Path:
+            if not all_finite(model.parameters()):
+                newest = sorted(ckpt.lineage.items())[-1][1] if ckpt.lineage else "none"
+                raise TrainingDiverged(
+                    f"the weights became non-finite by step {progress.step}, so they were not "
+                    f"saved; the newest checkpoint stays {newest}. Lower train.lr, set "
+                    "train.grad_clip, or use train.precision=fp32")
+            return ckpt.save(progress.step, {"config": config.to_dict(cfg),
+                                             "world_size": env.world_size,
+                                             "versions": library_versions()})
+
+        path = distributed.run_on_main(env.is_main, write)
+        if path is not None:
+            log.info("step %d: checkpoint %s", progress.step, path)
+
+    def sample_grid(step: int) -> None:
+        """Rank 0 draws one row per class and logs the grid."""
         s = cfg.sample
         classes = list(range(cfg.model.num_classes))
         labels_ = torch.arange(len(classes), device=env.device).repeat_interleave(s.per_class)
-        imgs = generate(ema.module, diffusion, labels_, s.sampler, s.steps, s.guidance,
-                        seed=cfg.seed, eta=s.eta, precision=precision,
+        imgs = generate(ema.module if s.use_ema else model, diffusion, labels_, s.sampler,
+                        s.steps, s.guidance, seed=cfg.seed, eta=s.eta, precision=precision,
                         image_size=cfg.model.image_size)
         path = save_grid(imgs, classes, s.per_class, out_dir / "samples" / f"step-{step:08d}.png")
         tracker.log_image(step, "samples", path)
 
-    progress = tqdm(total=tc.max_steps, initial=step, disable=not env.is_main, unit="step",
-                    dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
+    def stopped(step: int, saved: bool) -> int:
+        name = signal.Signals(stop.signal).name if stop.signal else "another rank's signal"
+        log.warning("stopped by %s at step %d%s; exit code %d (run the same command again to "
+                    "resume)", name, step, " after saving a checkpoint" if saved else "",
+                    EXIT_PREEMPTED)
+        return EXIT_PREEMPTED
+
+    progress_bar = tqdm(total=tc.max_steps, initial=progress.step, disable=not env.is_main,
+                        unit="step", dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
     loss_acc = torch.zeros((), device=env.device)
     norm_acc = torch.zeros((), device=env.device)
-    logged_steps, nonfinite_streak, nonfinite_total = 0, 0, 0
-    t_last, step_last = time.perf_counter(), step
+    logged_steps, nonfinite_streak = 0, 0
+    t_last, step_last = time.perf_counter(), progress.step
     deadline = t_last + 60 * tc.time_limit_minutes if tc.time_limit_minutes > 0 else math.inf
-    memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
     model.train()
     profiler = start_profiler(tc.profile_steps, out_dir, env)
     try:
-        while step < tc.max_steps:
-            # Seed global-RNG consumers (e.g. dropout) per step: a function of (seed, step, rank).
+        if distributed.agree_any([stop.requested])[0]:  # a signal while starting up
+            return stopped(progress.step, saved=False)
+        while progress.step < tc.max_steps:
+            step = progress.step
+            # Seed global-RNG consumers (model dropout) per step: a function of (seed, step, rank).
             torch.manual_seed(derive_seed(cfg.seed, "global", step, env.rank))
-            step_loss = torch.zeros((), device=env.device)
-            micro_batches = data.micro_batches(step, env.rank, env.world_size, tc.grad_accum,
-                                               diffusion.num_timesteps, cfg.diffusion.cfg_dropout)
-            for k, mb in enumerate(micro_batches):
-                # Gradients are all-reduced only on the last micro-step.
-                last = k == len(micro_batches) - 1
-                sync = contextlib.nullcontext() if last or not env.distributed else ddp.no_sync()
-                x0 = mb.x0.contiguous(memory_format=memory_format)
-                with sync:
-                    with autocast(env.device, precision):
-                        xt = diffusion.q_sample(x0, mb.noise, mb.t)
-                        out = forward(xt, mb.t, mb.labels, mb.drop)
-                        loss = diffusion.loss(out, x0, xt, mb.noise, mb.t)
-                    scaler.scale(loss / len(micro_batches)).backward()
-                step_loss += loss.detach() / len(micro_batches)
-
-            scaler.unscale_(opt)
-            params = [p for p in model.parameters() if p.grad is not None]
-            grad_norm = (torch.nn.utils.clip_grad_norm_(params, tc.grad_clip) if tc.grad_clip > 0
-                         else torch.nn.utils.get_total_norm([p.grad for p in params]))
-            # One tiny CPU collective per step: did any rank get a stop signal, run out of time
-            # or see a non-finite loss?
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(tc, step)
+            batches = data.micro_batches(step, env.rank, env.world_size, tc.grad_accum,
+                                         diffusion.num_timesteps, cfg.diffusion.cfg_dropout)
+            loss, grad_norm = train_step(train_model, no_sync, diffusion, batches, opt, scaler,
+                                         tc, precision)
+            # One tiny CPU collective per step: did any rank get a stop signal, run out of time,
+            # or see a non-finite loss or gradient (fp16: the loss scaler skips those itself)?
+            finite = torch.isfinite(loss) & (torch.isfinite(grad_norm) | scaler.is_enabled())
             stop_now, time_up, bad = distributed.agree_any([
-                stop.requested, time.perf_counter() > deadline,
-                not bool(torch.isfinite(step_loss))])
-            step += 1
-            images_seen += tc.batch_size
+                stop.requested, time.perf_counter() > deadline, not bool(finite)])
+            progress.step = step = step + 1
+            progress.images_seen += tc.batch_size
             if bad:
                 nonfinite_streak += 1
-                nonfinite_total += 1
-                log.warning("step %d: non-finite loss, update skipped (%d in a row, %d total)",
-                            step, nonfinite_streak, nonfinite_total)
+                progress.nonfinite_total += 1
+                log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row, "
+                            "%d total)", step, nonfinite_streak, progress.nonfinite_total)
                 if nonfinite_streak >= tc.max_nonfinite:
-                    newest = checkpoint.list_checkpoints(ckpt_dir)
+                    newest = sorted(ckpt.lineage.items())[-1][1] if ckpt.lineage else "none"
                     raise TrainingDiverged(
                         f"loss was non-finite for {nonfinite_streak} steps in a row (up to step "
-                        f"{step}); last checkpoint: {newest[-1][1] if newest else 'none'}; "
-                        "lower train.lr, set train.grad_clip, or use train.precision=fp32")
+                        f"{step}); last checkpoint: {newest}; lower train.lr, set "
+                        "train.grad_clip, or use train.precision=fp32")
             else:
                 nonfinite_streak = 0
                 scaler.step(opt)
-                ema.update(model, ema_beta(tc.batch_size, images_seen, tc.ema_halflife_kimg,
-                                           tc.ema_rampup_ratio))
-                loss_acc += step_loss
+                ema.update(model, ema_beta(tc.batch_size, progress.images_seen,
+                                           tc.ema_halflife_kimg, tc.ema_rampup_ratio))
+                loss_acc += loss
                 norm_acc += grad_norm
                 logged_steps += 1
             scaler.update()
-            sched.step()
             opt.zero_grad(set_to_none=True)
-            progress.update(1)
+            progress_bar.update(1)
             if profiler is not None:
                 profiler.step()
 
@@ -287,41 +404,48 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest) -> int:
                     "loss": float(means[0]) / n, "grad_norm": float(means[1]) / n,
                     "lr": opt.param_groups[0]["lr"],
                     "images_per_s": tc.batch_size * (step - step_last) / (now - t_last),
-                    "ema_beta": ema_beta(tc.batch_size, images_seen, tc.ema_halflife_kimg,
-                                         tc.ema_rampup_ratio),
-                    "images_seen": images_seen, "nonfinite_total": nonfinite_total,
+                    "ema_beta": ema_beta(tc.batch_size, progress.images_seen,
+                                         tc.ema_halflife_kimg, tc.ema_rampup_ratio),
+                    "images_seen": progress.images_seen,
+                    "nonfinite_total": progress.nonfinite_total,
                 }
                 tracker.log(step, metrics)
-                progress.set_postfix(loss=f"{metrics['loss']:.4f}",
-                                     img_s=f"{metrics['images_per_s']:.1f}")
+                progress_bar.set_postfix(loss=f"{metrics['loss']:.4f}",
+                                         img_s=f"{metrics['images_per_s']:.1f}")
                 loss_acc.zero_()
                 norm_acc.zero_()
                 logged_steps, t_last, step_last = 0, now, step
-            if env.is_main and tc.sample_every and (step % tc.sample_every == 0
-                                                   or step == tc.max_steps):
-                sample_grid()
-            if cfg.fid.every and (step % cfg.fid.every == 0 or step == tc.max_steps):
-                from ddp_diffusion.fid import evaluate  # all ranks: compute() is a collective
-
-                fid = evaluate(ema.module, diffusion, cfg, cfg.fid, cfg.seed, precision)
-                tracker.log(step, {k: fid[k] for k in ("fid", "class_accuracy")})
-            if stop_now or time_up or step % tc.ckpt_every == 0 or step == tc.max_steps:
-                path = save_checkpoint()
-                if path is not None:
-                    log.info("step %d: checkpoint %s", step, path)
+            saved = stop_now or time_up or step % tc.ckpt_every == 0 or step == tc.max_steps
+            if saved:
+                save_checkpoint()
             if stop_now:
-                name = signal.Signals(stop.signal).name if stop.signal else "another rank's signal"
-                log.warning("stopped by %s at step %d after saving a checkpoint; exit code %d "
-                            "(run the same command again to resume)", name, step, EXIT_PREEMPTED)
-                return EXIT_PREEMPTED
+                return stopped(step, saved=True)
             if time_up:
                 log.info("train.time_limit_minutes=%g reached at step %d; checkpoint saved",
                          tc.time_limit_minutes, step)
                 return EXIT_OK
-        log.info("done: step %d, %d images; checkpoints in %s", step, images_seen, ckpt_dir)
+
+            # Grids and FID come after the step's checkpoint; a signal that arrives while they
+            # run is honoured as soon as they end.
+            grid_due = tc.sample_every and (step % tc.sample_every == 0 or step == tc.max_steps)
+            fid_due = cfg.fid.every and (step % cfg.fid.every == 0 or step == tc.max_steps)
+            if grid_due or fid_due:
+                if grid_due and env.is_main:
+                    sample_grid(step)
+                if fid_due:
+                    from ddp_diffusion.fid import evaluate  # all ranks: compute() is a collective
+
+                    fid = evaluate(ema.module, diffusion, cfg, cfg.fid, cfg.seed, precision)
+                    tracker.log(step, {k: fid[k] for k in ("fid", "class_accuracy")})
+                if step < tc.max_steps and distributed.agree_any([stop.requested])[0]:
+                    if not saved:
+                        save_checkpoint()
+                    return stopped(step, saved=True)
+        log.info("done: step %d, %d images; checkpoints in %s", progress.step,
+                 progress.images_seen, ckpt.ckpt_dir)
         return EXIT_OK
     finally:
         if profiler is not None:
             profiler.stop()
-        progress.close()
+        progress_bar.close()
         tracker.finish()

@@ -101,7 +101,21 @@ def final_state(run_dir: Path) -> dict:
     from ddp_diffusion import checkpoint
 
     _, path = checkpoint.list_checkpoints(run_dir / "checkpoints")[-1]
-    return checkpoint.load(path)
+    return checkpoint.read(path)
+
+
+# What two runs that trained the same steps on the same data hold bit for bit (their W&B run ids
+# differ, and so does nothing else).
+SAME_RUN_PARTS = ("model", "ema", "optimizer", "grad_scaler", "step", "data")
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """The newest checkpoints of two runs are bitwise equal in every trained part."""
+    sa, sb = final_state(a), final_state(b)
+    for key in SAME_RUN_PARTS:
+        assert_bitwise_equal(sa[key], sb[key], key)
+    for key in ("step", "images_seen", "nonfinite_total"):
+        assert sa["progress"][key] == sb["progress"][key], key
 
 
 def assert_bitwise_equal(a: object, b: object, where: str = "") -> None:

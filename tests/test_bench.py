@@ -58,10 +58,9 @@ def test_codealong_run_loads_as_our_denoiser_with_identical_outputs(tiny_data: P
 
     xt, t, y = torch.randn(4, 1, 32, 32), torch.tensor([0, 10, 500, 999]), torch.arange(4)
     guided = ref.model.model.eval()  # the code-along's CFGuidance (guidance 2.0)
-    denoiser.cfg.guidance = guided.guidance
     with torch.no_grad():
         theirs = guided(xt, t, {"context": ref.encoder(y)})
-        ours = denoiser(xt, t, y)
+        ours = denoiser.guided(guided.guidance).eval()(xt, t, denoiser.condition(y))
     torch.testing.assert_close(ours.prediction, theirs.prediction, rtol=0, atol=0)
     torch.testing.assert_close(ours.variance_value, theirs.variance_value, rtol=0, atol=0)
 
@@ -79,8 +78,8 @@ def test_fid_at_budget_pack_keeps_config_step_and_ema_weights(tiny_data: Path,
                           env=cli_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name, step in (("ours", 10), ("codealong", 3)):
-        full = checkpoint.newest_loadable(runs / name / "checkpoints")[1]
-        path, small = checkpoint.newest_loadable(packed / name / "checkpoints")
+        full = checkpoint.newest_readable(runs / name / "checkpoints")[0][1]
+        path, small = checkpoint.newest_readable(packed / name / "checkpoints")[0]
         assert small["step"] == step and small["config"] == full["config"]
         assert all(v.dtype == torch.float16 for v in small["ema"].values() if v.is_floating_point())
         assert path.stat().st_size < 0.6 * full_size(runs / name)

@@ -8,16 +8,16 @@ import pytest
 import yaml
 
 from ddp_diffusion import config
-from ddp_diffusion.config import UserError
+from ddp_diffusion.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def test_yaml_and_overrides_are_typed(tmp_path: Path) -> None:
-    cfg = config.load(REPO / "configs" / "seed.yaml",
+    cfg = config.load(REPO / "configs" / "quickstart_cpu.yaml",
                       ["train.lr=2e-4", "train.max_steps=100", "out_dir=runs/x",
                        "model.channel_mult=[1,2,4]", "tracking.tags=[a,b]", "train.compile=true"])
-    assert cfg.model.name == "seed_unet"  # from the file
+    assert cfg.model.channels == 32 and cfg.train.batch_size == 64  # from the file
     assert cfg.train.lr == pytest.approx(2e-4) and isinstance(cfg.train.lr, float)
     assert cfg.train.max_steps == 100 and isinstance(cfg.train.max_steps, int)
     assert cfg.out_dir == "runs/x"

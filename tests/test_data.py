@@ -11,7 +11,6 @@ import pytest
 import torch
 from conftest import DEBIAN_DIR, make_dataset, synthetic_split, write_idx
 
-from ddp_diffusion.config import UserError
 from ddp_diffusion.data import (
     RAW_FILES,
     InMemoryData,
@@ -21,6 +20,7 @@ from ddp_diffusion.data import (
     raw_dir,
     to_model_range,
 )
+from ddp_diffusion.errors import UserError
 
 
 def test_idx_files_round_trip_through_torchvision(tiny_data: Path) -> None:

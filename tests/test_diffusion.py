@@ -24,7 +24,7 @@ def _denoiser(steps: int = 100, randomize: bool = False) -> torch.nn.Module:
             for p in denoiser.parameters():
                 if p.ndim > 1 and not p.any():
                     torch.nn.init.normal_(p, std=0.1)
-            denoiser.cfg.model.out[-1].weight[1].zero_()  # keep the learned variance tame
+            denoiser.cfguidance.model.out[-1].weight[1].zero_()  # keep the learned variance tame
     return denoiser
 
 
@@ -55,7 +55,7 @@ def test_hybrid_loss_trains_the_variance_head_and_mse_does_not() -> None:
         xt = diffusion.q_sample(x0, noise, t)
         loss = diffusion.loss(denoiser(xt, t, torch.arange(4)), x0, xt, noise, t)
         loss.backward()
-        head = denoiser.cfg.model.out[-1].weight.grad  # conv producing [prediction, variance]
+        head = denoiser.cfguidance.model.out[-1].weight.grad  # conv producing [prediction, variance]
         assert head[0].abs().sum() > 0
         assert (head[1].abs().sum() > 0) == expect_var_grad, loss_name
 
@@ -74,13 +74,13 @@ def test_same_seed_same_pixels_and_classes_differ() -> None:
         other = generate(denoiser, diffusion, torch.tensor([3, 7]), sampler, 10, 2.0, seed=5,
                          eta=1.0)
         assert not torch.allclose(a[0], other[0], atol=1e-3), sampler  # another class
-    # generate() restores the caller's RNG and the guidance setting.
+    # generate() restores the caller's RNG and never changes the module's guidance.
     torch.manual_seed(1)
     expected = torch.rand(3)
     torch.manual_seed(1)
     generate(denoiser, diffusion, labels, "ddim", 5, guidance=2.0, seed=0)
     assert torch.equal(torch.rand(3), expected)
-    assert denoiser.cfg.guidance == 0.0
+    assert denoiser.cfguidance.guidance == 0.0  # it samples through denoiser.guided(g)
 
 
 def test_guidance_changes_samples_as_cfguidance_defines() -> None:
@@ -106,7 +106,7 @@ def test_ddim_step_is_consistent_where_the_x0_clamp_bites() -> None:
     t = torch.full((4,), 5)
     cond = denoiser.condition(torch.arange(4))
     with torch.no_grad():
-        x0 = diffusion.predictor.predict_x0(denoiser.cfg(xt, t, cond).prediction, xt, t)
+        x0 = diffusion.predictor.predict_x0(denoiser.cfguidance(xt, t, cond).prediction, xt, t)
         assert (x0.abs() == 1).float().mean() > 0.1  # the clamp bites on many pixels
         same = ddim.remove_noise(xt, cond, t, t)
     torch.testing.assert_close(same, xt, rtol=0, atol=1e-4)

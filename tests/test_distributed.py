@@ -52,4 +52,4 @@ def test_gradient_accumulation_equals_full_batch(tiny_data: Path, tmp_path: Path
     diff = _max_weight_diff(tmp_path / "full", tmp_path / "accum")
     assert diff < ATOL, diff
     full, accum = final_state(tmp_path / "full"), final_state(tmp_path / "accum")
-    assert full["images_seen"] == accum["images_seen"] == 6 * 16
+    assert full["progress"]["images_seen"] == accum["progress"]["images_seen"] == 6 * 16

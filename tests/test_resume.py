@@ -14,7 +14,7 @@ import torch
 from conftest import (
     REPO,
     TINY,
-    assert_bitwise_equal,
+    assert_same_run,
     cli_env,
     final_state,
     run_cli,
@@ -24,10 +24,7 @@ from conftest import (
 )
 
 from ddp_diffusion import checkpoint
-from ddp_diffusion.checkpoint import CheckpointError
-
-BITWISE = ("model", "ema", "optimizer", "lr_schedule", "grad_scaler", "step", "images_seen",
-           "data_position")
+from ddp_diffusion.checkpoint import CheckpointError, CheckpointManager
 
 
 def args(tiny_data: Path, out: Path, steps: int, *extra: str) -> list[str]:
@@ -40,12 +37,6 @@ def args(tiny_data: Path, out: Path, steps: int, *extra: str) -> list[str]:
 
 
 COSINE = ("train.lr_schedule=cosine", "train.min_lr_ratio=0.1")
-
-
-def assert_same_run(a: Path, b: Path) -> None:
-    sa, sb = final_state(a), final_state(b)
-    for key in BITWISE:
-        assert_bitwise_equal(sa[key], sb[key], key)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -86,8 +77,7 @@ def test_resume_is_bitwise_exact_two_processes(tiny_data: Path, tmp_path: Path,
     run_torchrun(2, *args(tiny_data, tmp_path / "resumed", 4, p, "train.ckpt_every=100"))
     run_torchrun(2, *args(tiny_data, tmp_path / "resumed", 8, p, "train.ckpt_every=100"))
     assert_same_run(tmp_path / "straight", tmp_path / "resumed")
-    # Every rank's RNG state is in the checkpoint.
-    assert len(final_state(tmp_path / "resumed")["rng"]) == 2
+    assert final_state(tmp_path / "resumed")["world_size"] == 2
 
 
 @pytest.mark.slow
@@ -103,7 +93,9 @@ def test_signal_to_one_rank_stops_all_at_the_same_step(tiny_data: Path, tmp_path
     assert len(pids) == 2
     os.kill(pids[-1], signal.SIGUSR1)  # only one rank hears it
     _, err = launcher.communicate(timeout=300)
-    assert "exitcode  : 75" in err or "exit code 75" in err or launcher.returncode != 0
+    assert launcher.returncode != 0, err[-3000:]
+    assert err.count("exitcode  : 75") == 2, err[-3000:]  # both ranks saved and exited 75
+    assert "stopped by SIGUSR1 at step" in err and "stopped by another rank's signal" in err
     (stopped_at, _), = checkpoint.list_checkpoints(out / "checkpoints")
     assert 3 <= stopped_at < 12
     run_torchrun(2, *args(tiny_data, out, 12, "train.ckpt_every=1000", *COSINE))
@@ -135,10 +127,14 @@ def test_truncated_newest_checkpoint_falls_back_to_previous(tiny_data: Path,
     run_cli(*args(tiny_data, out, 8, "train.ckpt_every=4"))
     newest = checkpoint.path_for(out / "checkpoints", 8)
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a torn write
+    torn = newest.read_bytes()
     proc = run_cli(*args(tiny_data, out, 12, "train.ckpt_every=4"))
     assert f"skipping checkpoint {newest}: unreadable (truncated or corrupt)" in proc.stderr
     assert "(step 4)" in proc.stderr
     assert_same_run(tmp_path / "straight", out)
+    # The torn file was moved aside before step 8 was written again, not overwritten.
+    (kept,) = (out / "archive").glob("*/checkpoints/ckpt-00000008.pt")
+    assert kept.read_bytes() == torn
 
 
 class _RunsCode:
@@ -156,7 +152,7 @@ def test_checkpoint_that_runs_code_is_refused(tmp_path: Path) -> None:
     evil = tmp_path / "ckpt-00000001.pt"
     torch.save({"step": 1, "model": _RunsCode(marker)}, evil, pickle_module=pickle)
     with pytest.raises(CheckpointError, match="refused, it holds objects other than tensors") as e:
-        checkpoint.load(evil)
+        checkpoint.read(evil)
     assert not marker.exists()
     assert str(e.value).startswith(f"{evil}: ")
 
@@ -167,27 +163,46 @@ def test_changed_model_cannot_resume(tiny_data: Path, tmp_path: Path) -> None:
     proc = run_cli(*args(tiny_data, out, 4, "model.channels=24"), check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"error: cannot resume from {checkpoint.path_for(out / 'checkpoints', 2)}: the config "
-        "changed in a way that breaks resumption (model.channels: 16 -> 24); use a new out_dir "
-        "or train.resume=never")
+        f"error: cannot resume from {checkpoint.path_for(out / 'checkpoints', 2)}: "
+        "model.channels: 16 -> 24 changed, and that breaks resumption. Nothing was changed. Use "
+        "a new out_dir, or train.resume=never to start a new run here (the old one moves to "
+        "out_dir/archive/)")
+    assert [s for s, _ in checkpoint.list_checkpoints(out / "checkpoints")] == [2]
 
 
 def test_non_finite_loss_is_skipped_then_aborts(tiny_data: Path, tmp_path: Path) -> None:
     proc = run_cli(*args(tiny_data, tmp_path / "nan", 30, "train.lr=1e30", "train.grad_clip=0",
                          "train.max_nonfinite=3", "train.warmup_steps=0"), check=False)
     assert proc.returncode == 3, proc.stderr[-2000:]
-    assert "non-finite loss, update skipped (1 in a row" in proc.stderr
+    assert "non-finite loss or gradient, update skipped (1 in a row" in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: loss was non-finite for 3 steps in a row")
     assert "train.lr" in last
 
 
+class _Counter:
+    """The smallest stateful part: one tensor."""
+
+    def __init__(self) -> None:
+        self.w = torch.zeros(2)
+
+    def state_dict(self) -> dict:
+        return {"w": self.w.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.w = state["w"].clone()
+
+
 def test_retention_keeps_last_n_and_milestones_and_no_temp_files(tmp_path: Path) -> None:
+    part = _Counter()
+    manager = CheckpointManager(tmp_path, {"part": part}, keep_last=2, milestone_every=4)
     for step in range(1, 11):
-        checkpoint.save({"step": step, "model": {"w": torch.full((2,), float(step))}},
-                        tmp_path, step, keep_last=2, milestone_every=4)
+        part.w.fill_(float(step))
+        manager.save(step, {"model": {}})
     assert [s for s, _ in checkpoint.list_checkpoints(tmp_path)] == [4, 8, 9, 10]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "ckpt-00000004.pt", "ckpt-00000008.pt", "ckpt-00000009.pt", "ckpt-00000010.pt"]
-    _, state = checkpoint.newest_loadable(tmp_path)
-    assert state["step"] == 10 and torch.equal(state["model"]["w"], torch.full((2,), 10.0))
+    (_, state), _ = checkpoint.newest_readable(tmp_path)
+    restored = _Counter()
+    CheckpointManager(tmp_path, {"part": restored}, 2, 4).restore(state, "ckpt-00000010.pt")
+    assert state["step"] == 10 and torch.equal(restored.w, torch.full((2,), 10.0))

@@ -25,12 +25,12 @@ def test_wandb_offline_history_matches_metrics_and_resume_keeps_id(tiny_data: Pa
     base = ["train", *TINY, f"data.root={tiny_data}", f"out_dir={out}", "tracking.wandb=offline",
             "train.log_every=2", "train.ckpt_every=4"]
     run_cli(*base, "train.max_steps=4")
-    run_id = final_state(out)["wandb_run_id"]
+    run_id = final_state(out)["progress"]["run_id"]
     runs = sorted((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and runs[0].name.endswith(f"-{run_id}")
 
     run_cli(*base, "train.max_steps=8")  # resumes from step 4
-    assert final_state(out)["wandb_run_id"] == run_id
+    assert final_state(out)["progress"]["run_id"] == run_id
     runs = sorted((out / "wandb").glob("offline-run-*"))
     assert all(r.name.endswith(f"-{run_id}") for r in runs)  # same W&B run continued
 

@@ -53,11 +53,11 @@ def test_short_run_writes_config_metrics_checkpoints_samples(tiny_data: Path,
 
     ckpts = checkpoint.list_checkpoints(out / "checkpoints")
     assert [s for s, _ in ckpts] == [10, 20]
-    state = checkpoint.load(ckpts[-1][1])
-    assert state["step"] == 20 and state["images_seen"] == 20 * 16
-    assert {"model", "ema", "optimizer", "lr_schedule", "grad_scaler", "rng", "config",
-            "data_position", "wandb_run_id", "versions"} <= state.keys()
-    assert state["data_position"] == {"epoch": 2, "batch_in_epoch": 0, "steps_per_epoch": 10}
+    state = checkpoint.read(ckpts[-1][1])
+    assert state["step"] == 20 and state["progress"]["images_seen"] == 20 * 16
+    assert {"model", "ema", "optimizer", "grad_scaler", "config", "data", "progress",
+            "versions", "world_size"} <= state.keys()
+    assert state["data"]["num_images"] == 160 and len(state["data"]["fingerprint"]) == 32
 
     grid = Image.open(out / "samples" / "step-00000020.png")
     assert grid.size == (84 + 2 * 34 + 2, 10 * 34 + 2)  # 10 classes x 2 per class, labelled
