@@ -83,11 +83,20 @@ def write_atomic(obj: dict[str, Any], path: Path) -> Path:
             os.close(dir_fd)
     except (OSError, RuntimeError) as e:
         tmp.unlink(missing_ok=True)
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        os_error = _os_error(e)
+        reason = os_error.strerror if os_error is not None else str(e).splitlines()[0]
         free = _free_bytes(path.parent)
         raise WriteFailed(f"could not write {path} ({reason}; {free / 2**20:.1f} MiB free "
                           "there)") from None
     return path
+
+
+def _os_error(e: BaseException | None) -> OSError | None:
+    """The OSError behind an exception (torch.save reports ENOSPC as a RuntimeError whose
+    context is the OSError)."""
+    while e is not None and not (isinstance(e, OSError) and e.strerror):
+        e = e.__cause__ or e.__context__
+    return e
 
 
 def _free_bytes(folder: Path) -> int:

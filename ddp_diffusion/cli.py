@@ -200,5 +200,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except DDPDiffusionError as e:
-        print(f"error: {e}", file=sys.stderr)
+        sys.stderr.write(f"error: {e}\n")  # one write: ranks' lines never interleave
+        sys.stderr.flush()
         return e.exit_code

@@ -350,6 +350,8 @@ def unet_resolutions(m: ModelConfig) -> list[int]:
     return [m.image_size // 2**i for i in range(len(m.channel_mult))]
 
 
+FP32_MAX = 3.4028234663852886e38
+
 SEED_UNET_FIXED = ("channels", "channel_mult", "num_res_blocks", "attention_resolutions",
                    "dropout")
 
@@ -402,7 +404,8 @@ def _validate_train(t: TrainConfig) -> None:
     check(t.batch_size % t.grad_accum == 0,
           f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}; "
           f"choose a multiple of {t.grad_accum}")
-    check(math.isfinite(t.lr) and t.lr > 0, f"train.lr={t.lr} must be a positive number")
+    check(0 < t.lr < FP32_MAX, f"train.lr={t.lr} must be a positive number (below "
+                               f"{FP32_MAX:.2e}, the largest float32)")
     check(t.ema_halflife_kimg > 0 and math.isfinite(t.ema_halflife_kimg),
           f"train.ema_halflife_kimg={t.ema_halflife_kimg} must be a positive number")
     check_fraction("train.min_lr_ratio", t.min_lr_ratio)

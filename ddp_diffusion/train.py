@@ -19,7 +19,7 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,11 +73,6 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             out[pkg] = "not installed"
     return out
-
-
-def all_finite(tensors: Iterable[Tensor]) -> bool:
-    """Whether every element of every tensor is finite (one host sync)."""
-    return bool(torch.stack([t.detach().isfinite().all() for t in tensors]).all())
 
 
 @dataclass
@@ -305,23 +300,28 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest,
         train_model = torch.compile(train_model)
     no_sync = ddp.no_sync if ddp is not None else contextlib.nullcontext
 
-    def save_checkpoint() -> None:
-        """Rank 0 writes the checkpoint of this step; every rank learns if that failed."""
+    def newest_checkpoint() -> str:
+        return str(ckpt.lineage[max(ckpt.lineage)]) if ckpt.lineage else "none"
 
-        def write() -> Path:
-            if not all_finite(model.parameters()):
-                newest = sorted(ckpt.lineage.items())[-1][1] if ckpt.lineage else "none"
+    def save_checkpoint() -> bool:
+        """Rank 0 writes the checkpoint of this step (every rank learns if that failed); not in
+        a streak of non-finite steps, whose weights are suspect: the good one stays newest."""
+        if nonfinite_streak:
+            if progress.step == tc.max_steps:
                 raise TrainingDiverged(
-                    f"the weights became non-finite by step {progress.step}, so they were not "
-                    f"saved; the newest checkpoint stays {newest}. Lower train.lr, set "
-                    "train.grad_clip, or use train.precision=fp32")
-            return ckpt.save(progress.step, {"config": config.to_dict(cfg),
-                                             "world_size": env.world_size,
-                                             "versions": library_versions()})
-
-        path = distributed.run_on_main(env.is_main, write)
+                    f"training ended in {nonfinite_streak} non-finite step(s), so its weights "
+                    f"were not saved; the newest checkpoint stays {newest_checkpoint()}. Lower "
+                    "train.lr, set train.grad_clip, or use train.precision=fp32")
+            log.warning("step %d: no checkpoint in a streak of non-finite steps; the newest "
+                        "stays %s", progress.step, newest_checkpoint())
+            return False
+        path = distributed.run_on_main(env.is_main, functools.partial(
+            ckpt.save, progress.step, {"config": config.to_dict(cfg),
+                                       "world_size": env.world_size,
+                                       "versions": library_versions()}))
         if path is not None:
             log.info("step %d: checkpoint %s", progress.step, path)
+        return True
 
     def sample_grid(step: int) -> None:
         """Rank 0 draws one row per class and logs the grid."""
@@ -376,10 +376,9 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest,
                 log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row, "
                             "%d total)", step, nonfinite_streak, progress.nonfinite_total)
                 if nonfinite_streak >= tc.max_nonfinite:
-                    newest = sorted(ckpt.lineage.items())[-1][1] if ckpt.lineage else "none"
                     raise TrainingDiverged(
                         f"loss was non-finite for {nonfinite_streak} steps in a row (up to step "
-                        f"{step}); last checkpoint: {newest}; lower train.lr, set "
+                        f"{step}); last checkpoint: {newest_checkpoint()}; lower train.lr, set "
                         "train.grad_clip, or use train.precision=fp32")
             else:
                 nonfinite_streak = 0
@@ -399,9 +398,10 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest,
                 # The only host sync of the loss: once per log interval, averaged over ranks.
                 means = distributed.mean_across_ranks(torch.stack([loss_acc, norm_acc]))
                 now = time.perf_counter()
-                n = max(logged_steps, 1)
-                metrics = {
-                    "loss": float(means[0]) / n, "grad_norm": float(means[1]) / n,
+                # Loss and grad norm average the finite steps; none: they are left out.
+                metrics = {"loss": float(means[0]) / logged_steps,
+                           "grad_norm": float(means[1]) / logged_steps} if logged_steps else {}
+                metrics |= {
                     "lr": opt.param_groups[0]["lr"],
                     "images_per_s": tc.batch_size * (step - step_last) / (now - t_last),
                     "ema_beta": ema_beta(tc.batch_size, progress.images_seen,
@@ -410,19 +410,18 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest,
                     "nonfinite_total": progress.nonfinite_total,
                 }
                 tracker.log(step, metrics)
-                progress_bar.set_postfix(loss=f"{metrics['loss']:.4f}",
+                progress_bar.set_postfix(loss=f"{metrics.get('loss', math.nan):.4f}",
                                          img_s=f"{metrics['images_per_s']:.1f}")
                 loss_acc.zero_()
                 norm_acc.zero_()
                 logged_steps, t_last, step_last = 0, now, step
-            saved = stop_now or time_up or step % tc.ckpt_every == 0 or step == tc.max_steps
-            if saved:
-                save_checkpoint()
+            saved = ((stop_now or time_up or step % tc.ckpt_every == 0 or step == tc.max_steps)
+                     and save_checkpoint())
             if stop_now:
-                return stopped(step, saved=True)
+                return stopped(step, saved)
             if time_up:
-                log.info("train.time_limit_minutes=%g reached at step %d; checkpoint saved",
-                         tc.time_limit_minutes, step)
+                log.info("train.time_limit_minutes=%g reached at step %d", tc.time_limit_minutes,
+                         step)
                 return EXIT_OK
 
             # Grids and FID come after the step's checkpoint; a signal that arrives while they
@@ -438,9 +437,7 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest,
                     fid = evaluate(ema.module, diffusion, cfg, cfg.fid, cfg.seed, precision)
                     tracker.log(step, {k: fid[k] for k in ("fid", "class_accuracy")})
                 if step < tc.max_steps and distributed.agree_any([stop.requested])[0]:
-                    if not saved:
-                        save_checkpoint()
-                    return stopped(step, saved=True)
+                    return stopped(step, saved or save_checkpoint())
         log.info("done: step %d, %d images; checkpoints in %s", progress.step,
                  progress.images_seen, ckpt.ckpt_dir)
         return EXIT_OK

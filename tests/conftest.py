@@ -68,10 +68,11 @@ def cli_env(threads: int = 1) -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run `python -m ddp_diffusion ARGS` and return the finished process."""
+def run_cli(*args: str, check: bool = True, timeout: float = 600,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m ddp_diffusion ARGS` (extra environment: env) and return the process."""
     proc = subprocess.run([sys.executable, "-m", "ddp_diffusion", *args], capture_output=True,
-                          text=True, env=cli_env(), cwd=REPO, timeout=timeout)
+                          text=True, env={**cli_env(), **(env or {})}, cwd=REPO, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\n"
                              f"stderr:\n{proc.stderr[-4000:]}")

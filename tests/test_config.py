@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from ddp_diffusion import config
 from ddp_diffusion.errors import UserError
+from ddp_diffusion.model import build_denoiser
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -64,7 +66,14 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["seed"] == 7
 
 
-def test_shipped_configs_load() -> None:
-    for path in sorted((REPO / "configs").glob("*.yaml")):
-        cfg = config.load(path)
-        assert cfg.train.batch_size > 0, path
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_set_only_real_keys_and_build_their_model(path: Path) -> None:
+    raw = config.flatten(yaml.safe_load(path.read_text()))
+    cfg = config.load(path)  # unknown keys and out-of-range values would raise here
+    loaded = config.flatten(config.to_dict(cfg))
+    assert {k: loaded[k] for k in raw} == raw  # every value in the file is the one in effect
+    model = build_denoiser(cfg.model, cfg.diffusion.steps)
+    x = torch.zeros(2, 1, cfg.model.image_size, cfg.model.image_size)
+    with torch.no_grad():
+        out = model(x, torch.tensor([0, cfg.diffusion.steps - 1]), torch.tensor([0, 9]))
+    assert out.prediction.shape == x.shape and out.variance_value.shape == x.shape

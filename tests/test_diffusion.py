@@ -55,7 +55,7 @@ def test_hybrid_loss_trains_the_variance_head_and_mse_does_not() -> None:
         xt = diffusion.q_sample(x0, noise, t)
         loss = diffusion.loss(denoiser(xt, t, torch.arange(4)), x0, xt, noise, t)
         loss.backward()
-        head = denoiser.cfguidance.model.out[-1].weight.grad  # conv producing [prediction, variance]
+        head = denoiser.cfguidance.model.out[-1].weight.grad  # conv: [prediction, variance]
         assert head[0].abs().sum() > 0
         assert (head[1].abs().sum() > 0) == expect_var_grad, loss_name
 

@@ -130,7 +130,8 @@ def reference(cluster: dict[str, str], tiny_data: Path,
     job_id = job_id_of(proc.stdout)
     results = wait_for_results(tmp / "submitit", job_id, 2)
     return {"out": out, "stdout": proc.stdout, "job_id": job_id, "results": results,
-            "log": (tmp / "submitit" / f"{job_id}_0_log.err").read_text()}
+            "log": (tmp / "submitit" / f"{job_id}_0_log.err").read_text(),
+            "script": (tmp / "submitit" / f"{job_id}_submission.sh").read_text()}
 
 
 def test_submit_trains_to_max_steps_with_loss_logged(reference: dict) -> None:
@@ -141,6 +142,8 @@ def test_submit_trains_to_max_steps_with_loss_logged(reference: dict) -> None:
     log_path = re.search(r"training log \(rank 0\): (\S+)", stdout).group(1)
     assert Path(log_path).is_file() and f"tail -F {log_path}" in stdout
     assert "world size 2 (1 node(s))" in reference["log"]
+    # A task that fails ends the job step instead of leaving the others in a collective.
+    assert re.search(r"^srun .*--kill-on-bad-exit=1", reference["script"], re.MULTILINE)
     assert steps_of(out) == [STEPS]
     state = final_state(out)
     assert state["step"] == STEPS and state["world_size"] == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -11,29 +12,36 @@ from conftest import TINY, run_cli
 from PIL import Image
 
 from ddp_diffusion import checkpoint
-from ddp_diffusion.config import DiffusionConfig, ModelConfig
+from ddp_diffusion.config import DiffusionConfig, ModelConfig, TrainConfig
+from ddp_diffusion.data import Batch
 from ddp_diffusion.diffusion import Diffusion
 from ddp_diffusion.model import build_denoiser
+from ddp_diffusion.train import train_step
 
 
-def test_loss_falls_when_overfitting_one_batch() -> None:
+def test_train_step_overfits_one_batch() -> None:
+    """The trainer's own step (forward, loss, backward, clip) drives the loss down."""
     torch.manual_seed(0)
     diffusion = Diffusion(DiffusionConfig(steps=100, loss="mse"))
     denoiser = build_denoiser(ModelConfig(channels=16, channel_mult=[1, 2], num_res_blocks=1,
                                           attention_resolutions=[]), 100)
     opt = torch.optim.AdamW(denoiser.parameters(), lr=3e-3)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
     x0 = torch.rand(8, 1, 32, 32) * 2 - 1
-    noise, t, labels = torch.randn_like(x0), torch.randint(0, 100, (8,)), torch.arange(8)
-    losses = []
+    batch = Batch(x0=x0, labels=torch.arange(8), t=torch.randint(0, 100, (8,)),
+                  noise=torch.randn_like(x0), drop=torch.zeros(8, dtype=torch.bool))
+    tc = TrainConfig(grad_clip=1.0)
+    losses, norms = [], []
     for _ in range(60):
-        xt = diffusion.q_sample(x0, noise, t)
-        loss = diffusion.loss(denoiser(xt, t, labels), x0, xt, noise, t)
-        opt.zero_grad()
-        loss.backward()
+        loss, grad_norm = train_step(denoiser, contextlib.nullcontext, diffusion, [batch], opt,
+                                     scaler, tc, "fp32")
         opt.step()
+        opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        norms.append(grad_norm.item())
     assert losses[0] > 0.5
     assert losses[-1] < 0.2 * losses[0], losses[::10]
+    assert all(n > 0 for n in norms)  # the pre-clip norm, as logged
 
 
 def test_short_run_writes_config_metrics_checkpoints_samples(tiny_data: Path,

@@ -1,0 +1,516 @@
+"""Faults and operator mistakes, reproduced for real: what the trainer must do when they happen.
+
+Real processes, real files, real signals, a real full tmpfs. Every case here was reproduced on
+the main of issue 10 (quickstart config, small batch), where it lost checkpoints, trained from
+zero, ignored a setting or ended in a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import (
+    REPO,
+    TINY,
+    assert_same_run,
+    cli_env,
+    final_state,
+    run_cli,
+    run_torchrun,
+    torchrun_cmd,
+    wait_for_step,
+)
+
+from ddp_diffusion import checkpoint
+from ddp_diffusion.checkpoint import path_for
+
+ATOL = 1e-5  # as in test_distributed: the same math summed in another order
+
+
+def train_args(data: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    """A tiny run that logs every step and saves every 2 steps."""
+    return ["train", *TINY, f"data.root={data}", f"out_dir={out}", f"train.max_steps={steps}",
+            "train.log_every=1", "train.ckpt_every=2", *extra]
+
+
+def steps_in(out: Path) -> list[int]:
+    return [s for s, _ in checkpoint.list_checkpoints(out / "checkpoints")]
+
+
+def metrics_steps(out: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def last_line(proc: subprocess.CompletedProcess) -> str:
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def start(args: list[str], stderr: Path, **env: str) -> subprocess.Popen:
+    """Start the trainer in the background, its stderr going to a file."""
+    with stderr.open("w") as f:
+        return subprocess.Popen([sys.executable, "-m", "ddp_diffusion", *args], cwd=REPO,
+                                env={**cli_env(), **env}, stderr=f, stdout=subprocess.DEVNULL)
+
+
+def wait_for_text(path: Path, text: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Block until `text` appears in the file a background process writes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in path.read_text():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"exited with {proc.returncode}:\n{path.read_text()[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"{text!r} not seen in {timeout} s:\n{path.read_text()[-3000:]}")
+
+
+def snapshot(folder: Path) -> dict[str, object]:
+    """Every path under a folder with its bytes (or 'dir') and mtime; the lock file aside, which
+    records who holds the run and changes with every attempt."""
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else "dir",
+                                         p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.name != "train.lock"}
+
+
+# ----------------------------------------------------------------------------- checkpoints kept
+
+
+def test_a_fresh_start_moves_the_earlier_run_aside_and_keeps_its_own_checkpoints(
+        tiny_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run_cli(*train_args(tiny_data, out, 8, "train.keep_last=2"))
+    old = {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()}
+    assert sorted(old) == ["ckpt-00000006.pt", "ckpt-00000008.pt"]
+    old_metrics = (out / "metrics.jsonl").read_text()
+
+    proc = run_cli(*train_args(tiny_data, out, 4, "train.keep_last=2", "train.resume=never"))
+    assert steps_in(out) == [2, 4]  # the new run's own checkpoints, both kept
+    assert final_state(out)["progress"]["step"] == 4
+    assert metrics_steps(out) == [1, 2, 3, 4]
+    (archived,) = (out / "archive").iterdir()
+    assert {p.name: p.read_bytes() for p in (archived / "checkpoints").iterdir()} == old
+    assert (archived / "metrics.jsonl").read_text() == old_metrics
+    assert (f"moved 2 checkpoint(s) and its metrics, config and grids of an earlier run to "
+            f"{archived} (nothing is deleted)") in proc.stderr
+
+
+def test_resuming_from_an_older_checkpoint_moves_the_newer_ones_aside(tiny_data: Path,
+                                                                      tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run_cli(*train_args(tiny_data, out, 8, "train.keep_last=0"))
+    newer = {n: (out / "checkpoints" / n).read_bytes()
+             for n in ("ckpt-00000006.pt", "ckpt-00000008.pt")}
+    branch = path_for(out / "checkpoints", 4)
+    run_cli(*train_args(tiny_data, out, 8, "train.keep_last=0", f"train.resume={branch}",
+                        "train.lr=2e-3"))
+    (archived,) = (out / "archive").iterdir()
+    assert {p.name: p.read_bytes() for p in (archived / "checkpoints").iterdir()} == newer
+    assert steps_in(out) == [2, 4, 6, 8]
+    assert path_for(out / "checkpoints", 8).read_bytes() != newer["ckpt-00000008.pt"]
+
+
+def test_retention_never_deletes_the_checkpoint_it_just_wrote(tmp_path: Path) -> None:
+    class Part:
+        def state_dict(self) -> dict:
+            return {"w": torch.ones(1)}
+
+        def load_state_dict(self, state: dict) -> None: ...
+
+    manager = checkpoint.CheckpointManager(tmp_path, {"part": Part()}, keep_last=1,
+                                           milestone_every=0)
+    path_for(tmp_path, 50).write_bytes(b"not ours")  # a newer step of some other writer
+    for step in (1, 2, 3):
+        manager.save(step, {"model": {}})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000003.pt", "ckpt-00000050.pt"]
+
+
+# ----------------------------------------------------------------------------- never from zero
+
+
+def test_when_no_checkpoint_reads_the_run_refuses_and_touches_nothing(tiny_data: Path,
+                                                                      tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run_cli(*train_args(tiny_data, out, 4))
+    c2, c4 = path_for(out / "checkpoints", 2), path_for(out / "checkpoints", 4)
+    os.truncate(c2, 1000)
+    c4.unlink()
+    c4.mkdir()  # cannot be read at all: every try fails with an OSError (EISDIR)
+    before = snapshot(out)
+
+    proc = run_cli(*train_args(tiny_data, out, 8), check=False)
+    assert proc.returncode == 2
+    line = last_line(proc)
+    assert line.startswith(f"error: no checkpoint in {out / 'checkpoints'} can be read: ")
+    assert f"{c4}: read error, 3 tries (Is a directory); check the file system; " in line
+    assert f"{c2}: unreadable (truncated or corrupt): " in line
+    assert line.endswith("Nothing was changed. Restore a good file, or start over with "
+                         f"train.resume=never (the old files move to {out / 'archive'}/)")
+    assert f"{c4}: read error (Is a directory), try 1 of 3; retrying in 1 s" in proc.stderr
+    assert snapshot(out) == before  # no checkpoint, metric or config touched
+
+
+def test_a_transient_read_error_is_retried_not_taken_for_corruption(tiny_data: Path,
+                                                                    tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run_cli(*train_args(tiny_data, out, 4))
+    c4 = path_for(out / "checkpoints", 4)
+    saved = tmp_path / "saved.pt"
+    os.replace(c4, saved)
+    target = tmp_path / "server" / "ckpt.pt"
+    target.parent.mkdir()
+    c4.symlink_to(target)  # dangling: opening it fails (ENOENT), as a stale NFS handle does
+    err = tmp_path / "stderr.txt"
+    proc = start(train_args(tiny_data, out, 6), err)
+    wait_for_text(err, f"{c4}: read error (No such file or directory), try 1 of 3; retrying", proc)
+    os.replace(saved, target)  # the file system recovers
+    assert proc.wait(timeout=300) == 0, err.read_text()[-3000:]
+    text = err.read_text()
+    assert f"resuming from {c4} (step 4)" in text and "skipping checkpoint" not in text
+    assert steps_in(out) == [2, 4, 6]
+
+
+def test_temp_files_of_a_killed_save_are_removed_at_start(tiny_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run_cli(*train_args(tiny_data, out, 2))
+    stale = [out / "checkpoints" / ".ckpt-00000004.pt.tmp-99999", out / "metrics.jsonl.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a file")
+    proc = run_cli(*train_args(tiny_data, out, 4))
+    assert not any(p.exists() for p in stale)
+    assert ("removed 2 temp file(s) of an interrupted write: .ckpt-00000004.pt.tmp-99999, "
+            "metrics.jsonl.tmp") in proc.stderr
+
+
+# ----------------------------------------------------------------------------- one writer
+
+
+def test_a_second_writer_is_refused_and_the_first_goes_on(tiny_data: Path,
+                                                          tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    first = start(train_args(tiny_data, out, 10_000, "train.ckpt_every=1000"), tmp_path / "1.txt")
+    try:
+        wait_for_step(out / "metrics.jsonl", 2, first)
+        second = run_cli(*train_args(tiny_data, out, 3), check=False)
+        assert second.returncode == 2
+        assert re.fullmatch(
+            rf"error: {re.escape(str(out))} is in use by another training run \(host "
+            rf"{re.escape(socket.gethostname())}, pid {first.pid}, since \S+\): wait for it to "
+            rf"finish or stop it, or use another out_dir \(lock: "
+            rf"{re.escape(str(out / 'train.lock'))}\)", last_line(second))
+        now = metrics_steps(out)[-1]
+        wait_for_step(out / "metrics.jsonl", now + 2, first)  # the first run goes on
+    finally:
+        first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=300) == 75
+    logged = metrics_steps(out)
+    assert logged == list(range(1, len(logged) + 1))  # one writer: no step twice, none missing
+    assert steps_in(out) == [logged[-1]]
+
+
+def test_a_requeued_job_waits_for_its_predecessor_then_resumes_exactly(tiny_data: Path,
+                                                                       tmp_path: Path) -> None:
+    run_cli(*train_args(tiny_data, tmp_path / "straight", 12, "train.ckpt_every=1000"))
+    out = tmp_path / "run"
+    job = {"SLURM_JOB_ID": "4242"}
+    first = start(train_args(tiny_data, out, 12, "train.ckpt_every=1000"), tmp_path / "1.txt",
+                  **job)
+    wait_for_step(out / "metrics.jsonl", 3, first)
+    os.kill(first.pid, signal.SIGSTOP)  # a predecessor that is slow to let go
+    try:
+        impatient = run_cli(*train_args(tiny_data, out, 12, "train.lock_wait_s=1"), check=False,
+                            env=job)
+        assert impatient.returncode == 2
+        assert "(waited 1 s for it): wait for it to finish or stop it" in last_line(impatient)
+
+        err = tmp_path / "2.txt"
+        second = start(train_args(tiny_data, out, 12, "train.ckpt_every=1000",
+                                  "train.lock_wait_s=120"), err, **job)
+        wait_for_text(err, f"waiting up to 120 s for the previous run of SLURM job 4242 to "
+                           f"release {out / 'train.lock'}", second)
+        first.send_signal(signal.SIGTERM)  # the requeue's stop signal, handled once it resumes
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert first.wait(timeout=300) == 75
+    assert second.wait(timeout=300) == 0, err.read_text()[-3000:]
+    (stopped_at,) = re.findall(r"resuming from \S+ \(step (\d+)\)", err.read_text())
+    assert 3 <= int(stopped_at) < 12
+    assert_same_run(tmp_path / "straight", out)
+
+
+# ----------------------------------------------------------------------------- changed settings
+
+
+def test_changed_optimizer_settings_take_effect_on_resume(tiny_data: Path,
+                                                          tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run_cli(*train_args(tiny_data, out, 4))
+    proc = run_cli(*train_args(tiny_data, out, 6, "train.lr=0.5", "train.adam_betas=[0.5,0.9]",
+                               "train.weight_decay=0.25"))
+    assert ("settings changed since that checkpoint, in effect from step 4: train.adam_betas "
+            "[0.9, 0.999] -> [0.5, 0.9]; train.lr 0.001 -> 0.5; train.max_steps 4 -> 6; "
+            "train.weight_decay 0.0 -> 0.25") in proc.stderr
+    lrs = {json.loads(line)["step"]: json.loads(line)["lr"]
+           for line in (out / "metrics.jsonl").read_text().splitlines()}
+    assert lrs == {1: 1e-3, 2: 1e-3, 3: 1e-3, 4: 1e-3, 5: 0.5, 6: 0.5}
+    group = final_state(out)["optimizer"]["param_groups"][0]
+    assert (group["lr"], tuple(group["betas"]), group["weight_decay"]) == (0.5, (0.5, 0.9), 0.25)
+
+
+def test_an_fp32_run_resumes_in_fp16(tiny_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run_cli(*train_args(tiny_data, out, 2))
+    assert final_state(out)["grad_scaler"] == {}  # fp32 has no loss scale
+    proc = run_cli(*train_args(tiny_data, out, 4, "train.precision=fp16"))
+    assert "train.precision fp32 -> fp16" in proc.stderr
+    state = final_state(out)
+    assert state["step"] == 4 and state["grad_scaler"]["scale"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
+def test_a_run_resumes_on_another_world_size(tiny_data: Path, tmp_path: Path, before: int,
+                                             after: int) -> None:
+    def launch(nproc: int, *args: str) -> subprocess.CompletedProcess:
+        return run_torchrun(nproc, *args) if nproc > 1 else run_cli(*args)
+
+    launch(before, *train_args(tiny_data, tmp_path / "straight", 8))
+    launch(before, *train_args(tiny_data, tmp_path / "run", 4))
+    proc = launch(after, *train_args(tiny_data, tmp_path / "run", 8))
+    assert (f"world size changed on resume: saved at {before}, resumed at {after}. The same "
+            "global batches and noise continue") in proc.stderr
+    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "run")
+    assert b["world_size"] == after and b["progress"]["images_seen"] == 8 * 16
+    diff = max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"])
+    assert diff < ATOL, diff
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["train.ckpt_every=0"], "train.ckpt_every=0 must be >= 1"),
+    (["train.log_every=0"], "train.log_every=0 must be >= 1"),
+    (["train.grad_accum=0"], "train.grad_accum=0 must be >= 1"),
+    (["train.batch_size=0"], "train.batch_size=0 must be >= 1"),
+    (["model.image_size=30"], "model.image_size=30 must be a multiple of 4 (>= 8): the UNet "
+                              "halves it 2 time(s), one per model.channel_mult level after the "
+                              "first; e.g. 32"),
+    (["train.sample_every=2", "sample.steps=0"],
+     "sample.steps=0 must be in 1..1000 (diffusion.steps=1000)"),
+    (["diffusion.steps=100"], "sample.steps=250 must be in 1..100 (diffusion.steps=100)"),
+    (["out_dir=[x"], "override 'out_dir=[x' is not a valid value (expected ',' or ']', but got "
+                     "'<stream end>' (line 1, column 3)); quote it if it is a string: "
+                     "out_dir='[x'"),
+    (["sample.guidance=nan"], "sample.guidance=nan must be a finite number"),
+    (["model.attention_resolutions=[7]"], "model.attention_resolutions: 7 is not a resolution "
+                                          "of this UNet (32, 16, 8); list some of those, or [] "
+                                          "for attention in the middle block only"),
+    (["model.name=seed_unet", "model.channels=8"],
+     "model.channels has no effect with model.name=seed_unet (the code-along's fixed U-Net); "
+     "remove it, or use model.name=unet"),
+    (["train.resume=/nonexistent/ckpt.pt"], "train.resume=/nonexistent/ckpt.pt: no such "
+                                            "checkpoint file (use auto, never, or the path of a "
+                                            "ckpt-*.pt file)"),
+])
+def test_bad_settings_fail_with_one_line_before_any_work(tiny_data: Path, tmp_path: Path,
+                                                         overrides: list[str],
+                                                         message: str) -> None:
+    out = tmp_path / "run"
+    proc = run_cli("train", f"data.root={tiny_data}", f"out_dir={out}", *overrides, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr == f"error: {message}\n"
+    assert not out.exists()  # nothing was started
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"train:\n  lr: [1e-3\n", "is not valid YAML: expected ',' or ']', but got '<stream end>' "
+                               "(line 3, column 1)"),
+    (b"train:\n  lr: 1e-3 # \xe9t\xe9\n", "is not UTF-8 text (byte 0xe9 at offset 20); save it "
+                                          "as UTF-8"),
+])
+def test_a_broken_config_file_fails_with_one_line(tmp_path: Path, content: bytes,
+                                                  message: str) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_bytes(content)
+    proc = run_cli("train", "--config", str(path), f"out_dir={tmp_path / 'run'}", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr == f"error: config file {path} {message}\n"
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(tiny_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run_cli(*train_args(tiny_data, out, 4))
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "lo')  # the run died while writing this record
+    proc = run_cli(*train_args(tiny_data, out, 6))
+    assert "dropping its torn last line" in proc.stderr
+    assert metrics_steps(out) == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("faults") / "run"
+    run_cli(*train_args(tiny_data, out, 2))
+    return out
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--steps", "-1"], "--steps=-1 must be >= 1"),
+    (["--steps", "5000"], "--steps=5000 must be in 1..100 (diffusion.steps=100)"),
+    (["--per-class", "-1"], "--per-class=-1 must be >= 1"),
+    (["--classes", ","], "--classes ',' names no class; use all, or names or indices such as "
+                         "sneaker,bag or 7,8"),
+    (["--classes", "²"], "unknown class '²'; use one of: all, t-shirt, pants, sweater, dress, "
+                         "coat, sandal, shirt, sneaker, purse, boot (or 0..9)"),
+    (["--guidance", "nan"], "--guidance=nan must be a finite number"),
+    (["--eta", "-0.5"], "--eta=-0.5 must be >= 0"),
+])
+def test_bad_sample_flags_fail_with_one_line(trained: Path, tmp_path: Path, flags: list[str],
+                                             message: str) -> None:
+    out = tmp_path / "grid.png"
+    proc = run_cli("sample", "--run", str(trained), *flags, "--out", str(out), check=False)
+    assert proc.returncode == 2
+    assert proc.stderr == f"error: {message}\n"
+    assert not out.exists()
+
+
+def test_sample_and_fid_name_what_is_wrong_with_the_run_or_the_output(trained: Path,
+                                                                      tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    (empty / "checkpoints").mkdir(parents=True)
+    cases = [
+        (["sample", "--run", str(trained), "--out", str(tmp_path / "grid")],
+         f"--out {tmp_path / 'grid'}: name an image file, e.g. grid.png (PNG, JPEG, WebP, ...)"),
+        (["sample", "--run", str(empty), "--out", "x.png"],
+         f"no checkpoints in {empty / 'checkpoints'}; train first (ddp-diffusion train "
+         f"out_dir={empty})"),
+        (["sample", "--run", str(tmp_path / "missing"), "--out", "x.png"],
+         f"run directory {tmp_path / 'missing'} does not exist; pass the out_dir of a run"),
+        (["fid", "--run", str(trained), "--steps", "-1"], "--steps=-1 must be >= 1"),
+        (["fid", "--run", str(trained), "--steps", "5000"],
+         "--steps=5000 must be in 1..100 (diffusion.steps=100)"),
+        (["fid", "--run", str(trained), "--guidance", "nan"],
+         "--guidance=nan must be a finite number"),
+        (["fid", "--run", str(trained), "--num-samples", "1"], "--num-samples=1 must be >= 2"),
+        (["fid", "--run", str(empty)], f"no checkpoints in {empty / 'checkpoints'}; train first "
+                                       f"(ddp-diffusion train out_dir={empty})"),
+    ]
+    for args, message in cases:
+        proc = run_cli(*args, check=False)
+        assert (proc.returncode, proc.stderr) == (2, f"error: {message}\n"), args
+
+
+# ----------------------------------------------------------------------------- stops and faults
+
+
+def test_a_stop_signal_during_the_sample_grid_stops_at_that_step(tiny_data: Path,
+                                                                 tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    err = tmp_path / "stderr.txt"
+    # A grid of 10 images x 60 guided DDIM steps takes seconds on one core.
+    proc = start(train_args(tiny_data, out, 12, "train.ckpt_every=1000", "train.sample_every=4",
+                            "sample.per_class=1", "sample.steps=60"), err)
+    wait_for_step(out / "metrics.jsonl", 4, proc)  # logged just before the grid of step 4
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 75, err.read_text()[-3000:]
+    assert steps_in(out) == [4]  # saved at the step whose grid it was drawing, not one later
+    assert (out / "samples" / "step-00000004.png").is_file()
+    assert "stopped by SIGTERM at step 4 after saving a checkpoint" in err.read_text()
+
+
+def test_weights_of_a_non_finite_streak_are_never_saved_over_good_checkpoints(
+        tiny_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run_cli(*train_args(tiny_data, out, 4, "train.keep_last=1"))
+    good = path_for(out / "checkpoints", 4)
+    saved = good.read_bytes()
+    # Step 5's loss and gradients are finite; its update (lr 1e12) blows the weights up, and
+    # every step after it is non-finite: the checkpoints due at steps 6 and 8 must not replace
+    # (and, with keep_last=1, delete) the good one.
+    proc = run_cli(*train_args(tiny_data, out, 20, "train.keep_last=1", "train.lr=1e12",
+                               "train.grad_clip=0"), check=False)
+    assert proc.returncode == 3
+    assert f"step 6: no checkpoint in a streak of non-finite steps; the newest stays {good}" in (
+        proc.stderr)
+    assert last_line(proc) == (
+        f"error: loss was non-finite for 5 steps in a row (up to step 10); last checkpoint: "
+        f"{good}; lower train.lr, set train.grad_clip, or use train.precision=fp32")
+    assert steps_in(out) == [4] and good.read_bytes() == saved
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" not in r] == [6, 7, 8, 9]  # no fake 0.0
+    assert records[-1]["nonfinite_total"] == 4
+
+
+@pytest.mark.slow
+def test_a_bad_resume_path_or_a_wandb_that_cannot_start_stops_every_rank(tiny_data: Path,
+                                                                        tmp_path: Path) -> None:
+    env = {k: v for k, v in cli_env().items() if not k.startswith("WANDB_")}
+    env["HOME"] = str(tmp_path)  # no ~/.netrc: W&B online has no API key
+    for extra, message in [
+        ("train.resume=/nonexistent/ckpt.pt",
+         "train.resume=/nonexistent/ckpt.pt: no such checkpoint file (use auto, never, or the "
+         "path of a ckpt-*.pt file)"),
+        ("tracking.wandb=online",
+         "W&B could not start (UsageError: No API key configured. Use `wandb login` to log "
+         "in.): run `wandb login` or set WANDB_API_KEY, or use tracking.wandb=offline (sync "
+         "later) or tracking.wandb=disabled"),
+    ]:
+        start_s = time.monotonic()
+        proc = subprocess.run(torchrun_cmd(2, *train_args(tiny_data, tmp_path / "run", 4, extra)),
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0
+        assert proc.stderr.count(f"error: {message}\n") == 2, proc.stderr[-3000:]  # each rank
+        assert time.monotonic() - start_s < 120  # nobody waited for a collective's timeout
+        assert steps_in(tmp_path / "run") == []
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 16 MiB tmpfs (root only)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "--lazy", str(mnt)], check=True)
+
+
+def test_a_full_disk_while_saving_keeps_the_last_checkpoint_and_resumes_when_freed(
+        tiny_data: Path, tmp_path: Path, small_disk: Path) -> None:
+    run_cli(*train_args(tiny_data, tmp_path / "straight", 4))
+    out = small_disk / "run"
+    run_cli(*train_args(tiny_data, out, 2))
+    c2 = path_for(out / "checkpoints", 2)
+    saved = c2.read_bytes()
+    st = os.statvfs(small_disk)  # fill the disk but 1 MiB: metrics fit, a checkpoint does not
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (st.f_bavail * st.f_frsize - 2**20))
+
+    proc = run_cli(*train_args(tiny_data, out, 4), check=False)
+    assert proc.returncode == 74
+    c4 = re.escape(str(path_for(out / "checkpoints", 4)))
+    assert re.fullmatch(rf"error: could not write {c4} \(No space left on device; \d+\.\d MiB free "
+                        r"there\)", last_line(proc))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [c2.name]  # no temp file
+    assert c2.read_bytes() == saved
+
+    filler.unlink()
+    proc = run_cli(*train_args(tiny_data, out, 4))  # the same command, once there is space
+    assert f"resuming from {c2} (step 2)" in proc.stderr
+    assert_same_run(tmp_path / "straight", out)
