@@ -100,7 +100,7 @@ def train_gflops(cfg_path: Path, overrides: list[str]) -> float:
     b, s = 2, cfg.model.image_size
     x, t, y = torch.randn(b, 1, s, s), torch.randint(0, 1000, (b,)), torch.arange(b)
     with FlopCounterMode(display=False) as counter:
-        out = model(x, t, y)
+        out = model(x, t, y, keys=torch.arange(b))  # keys: the per-sample dropout masks
         (out.prediction.square().mean() + out.variance_value.square().mean()).backward()
     return counter.get_total_flops() / b / 1e9
 

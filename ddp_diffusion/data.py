@@ -92,6 +92,7 @@ class Batch:
     t: torch.Tensor  # (b,) int64 diffusion steps
     noise: torch.Tensor  # (b, 1, H, W)
     drop: torch.Tensor  # (b,) bool: replace the label by the null embedding (CFG training)
+    keys: torch.Tensor  # (b,) int64: per-sample keys of the model's dropout masks
 
 
 BATCH_FIELDS = tuple(Batch.__dataclass_fields__)
@@ -101,7 +102,8 @@ class InMemoryData:
     """The whole training set on the device, served as deterministic global batches.
 
     The global batch of step s is a pure function of (seed, s): epoch e = s // steps_per_epoch
-    uses permutation(seed, e), and every random draw (timesteps, noise, label dropout) is made
+    uses permutation(seed, e), and every random draw (timesteps, noise, label dropout, the keys
+    of the model's dropout masks) is made
     for the whole global batch from a generator seeded by (seed, s). A rank takes its slice, so
     any world size and any number of accumulation micro-steps see exactly the same samples and
     noise, and resuming at step s replays exactly what an uninterrupted run does.
@@ -157,7 +159,8 @@ class InMemoryData:
                           device=self.device)
         noise = torch.randn(x0.shape, generator=self._gen, device=self.device)
         drop = torch.rand(self.batch_size, generator=self._gen, device=self.device) < cfg_dropout
-        return Batch(x0, self.labels[idx], t, noise, drop)
+        keys = torch.randint(0, 2**31, (self.batch_size,), generator=self._gen, device=self.device)
+        return Batch(x0, self.labels[idx], t, noise, drop, keys)
 
     def micro_batches(self, step: int, rank: int, world_size: int, accum: int,
                       num_timesteps: int, cfg_dropout: float) -> list[Batch]:

@@ -28,9 +28,10 @@ from torchmultimodal.diffusion_labs.utils.common import DiffusionOutput
 
 from ddp_diffusion.config import DiffusionConfig
 
-__all__ = ["COND_KEY", "ConditionalDenoiser", "Diffusion", "DiffusionOutput"]
+__all__ = ["COND_KEY", "DROPOUT_KEYS", "ConditionalDenoiser", "Diffusion", "DiffusionOutput"]
 
 COND_KEY = "context"  # the conditional-input name the networks read, as in the code-along
+DROPOUT_KEYS = "dropout_keys"  # per-sample keys of the model's dropout masks (training only)
 
 
 def clamp_unit(x: Tensor) -> Tensor:
@@ -94,9 +95,14 @@ class ConditionalDenoiser(nn.Module):
             emb = torch.where(drop[:, None], self.null_embedding.to(emb.dtype), emb)
         return {COND_KEY: emb}
 
-    def forward(self, xt: Tensor, t: Tensor, labels: Tensor, drop: Tensor | None = None
-                ) -> DiffusionOutput:
-        return self.cfguidance(xt, t, self.condition(labels, drop))
+    def forward(self, xt: Tensor, t: Tensor, labels: Tensor, drop: Tensor | None = None,
+                keys: Tensor | None = None) -> DiffusionOutput:
+        """The prediction for x_t; `drop` (label dropout) and `keys` (the per-sample keys of the
+        model's dropout masks) come from the data pipeline in training."""
+        inputs = self.condition(labels, drop)
+        if keys is not None:
+            inputs[DROPOUT_KEYS] = keys  # CFGuidance passes inputs it does not guide through
+        return self.cfguidance(xt, t, inputs)
 
 
 def _rename_old_keys(state: dict[str, Tensor], prefix: str, *args: object) -> None:

@@ -6,6 +6,7 @@ noise and the learned-variance interpolation value used by the hybrid loss.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -14,7 +15,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ddp_diffusion.config import ModelConfig
-from ddp_diffusion.diffusion import COND_KEY, ConditionalDenoiser, DiffusionOutput
+from ddp_diffusion.diffusion import COND_KEY, DROPOUT_KEYS, ConditionalDenoiser, DiffusionOutput
 
 # ----------------------------------------------------------------------------- SeedUNet
 
@@ -104,24 +105,64 @@ def zero_init(module: nn.Module) -> nn.Module:
     return module
 
 
+UINT32 = 0xFFFFFFFF
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """(x * c) mod 2**32 for int64 tensors holding uint32 values, with no int64 overflow."""
+    return (x * (c & 0xFFFF) + ((x * (c >> 16)) & 0xFFFF) * 65536) & UINT32
+
+
+def hash32(x: Tensor) -> Tensor:
+    """Wellons' lowbias32 integer hash, element-wise, on int64 tensors holding uint32 values."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+class KeyedDropout(nn.Module):
+    """Dropout whose mask for a sample depends only on that sample's key, this layer's salt and
+    the element's position: the data pipeline draws one key per sample from (seed, step, index
+    in the global batch), so a sample gets the same mask at any world size and in any
+    micro-batch, and a resume on another world size stays exact. The identity in eval mode."""
+
+    def __init__(self, p: float, salt: int) -> None:
+        super().__init__()
+        self.p = p
+        self.salt = salt
+
+    def forward(self, x: Tensor, keys: Tensor | None) -> Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if keys is None:
+            raise ValueError("model dropout in training needs the batch's per-sample keys")
+        per_sample = hash32((keys.long() ^ self.salt) & UINT32)
+        position = torch.arange(x[0].numel(), device=x.device)
+        bits = hash32(per_sample[:, None] ^ position[None])
+        keep = (bits >= round(self.p * 2**32)).view(x.shape)
+        return x * keep.to(x.dtype) / (1 - self.p)
+
+
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv twice, with FiLM (scale, shift) from the time+class embedding."""
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float) -> None:
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, salt: int) -> None:
         super().__init__()
         self.norm1 = group_norm(in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.film = nn.Linear(emb_dim, 2 * out_ch)
         self.norm2 = group_norm(out_ch)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = KeyedDropout(dropout, salt)
         self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+    def forward(self, x: Tensor, emb: Tensor, keys: Tensor | None = None) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         scale, shift = self.film(emb)[:, :, None, None].chunk(2, dim=1)
         h = self.norm2(h) * (1 + scale) + shift
-        h = self.conv2(self.dropout(F.silu(h)))
+        h = self.conv2(self.dropout(F.silu(h), keys))
         return self.skip(x) + h
 
 
@@ -158,11 +199,12 @@ class UNet(nn.Module):
         self.stem = nn.Conv2d(1, ch, 3, padding=1)
 
         res, widths = cfg.image_size, [ch]
+        salts = itertools.count(1)  # one dropout salt per block: masks differ between layers
         self.down = nn.ModuleList()
         cur = ch
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
-                blocks = [ResBlock(cur, ch * mult, emb_dim, cfg.dropout)]
+                blocks = [ResBlock(cur, ch * mult, emb_dim, cfg.dropout, salt=next(salts))]
                 cur = ch * mult
                 if res in cfg.attention_resolutions:
                     blocks.append(Attention(cur))
@@ -172,12 +214,14 @@ class UNet(nn.Module):
                 self.down.append(nn.ModuleList([nn.Conv2d(cur, cur, 3, stride=2, padding=1)]))
                 widths.append(cur)
                 res //= 2
-        self.mid = nn.ModuleList([ResBlock(cur, cur, emb_dim, cfg.dropout), Attention(cur),
-                                  ResBlock(cur, cur, emb_dim, cfg.dropout)])
+        self.mid = nn.ModuleList([ResBlock(cur, cur, emb_dim, cfg.dropout, salt=next(salts)),
+                                  Attention(cur),
+                                  ResBlock(cur, cur, emb_dim, cfg.dropout, salt=next(salts))])
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
-                blocks = [ResBlock(cur + widths.pop(), ch * mult, emb_dim, cfg.dropout)]
+                blocks = [ResBlock(cur + widths.pop(), ch * mult, emb_dim, cfg.dropout,
+                                   salt=next(salts))]
                 cur = ch * mult
                 if res in cfg.attention_resolutions:
                     blocks.append(Attention(cur))
@@ -189,23 +233,27 @@ class UNet(nn.Module):
                                  zero_init(nn.Conv2d(cur, 2, 3, padding=1)))
 
     @staticmethod
-    def _run(blocks: nn.ModuleList, h: Tensor, emb: Tensor) -> Tensor:
+    def _run(blocks: nn.ModuleList, h: Tensor, emb: Tensor, keys: Tensor | None) -> Tensor:
         for layer in blocks:
-            h = layer(h, emb) if isinstance(layer, ResBlock | Attention) else layer(h)
+            if isinstance(layer, ResBlock):
+                h = layer(h, emb, keys)
+            else:
+                h = layer(h, emb) if isinstance(layer, Attention) else layer(h)
         return h
 
     def forward(self, x: Tensor, t: Tensor, conditional_inputs: dict[str, Tensor]
                 ) -> DiffusionOutput:
         emb = self.time_mlp(timestep_embedding(t, self.channels).to(x.dtype))
         emb = F.silu(emb + self.cond_proj(conditional_inputs[COND_KEY].to(x.dtype)))
+        keys = conditional_inputs.get(DROPOUT_KEYS)
         h = self.stem(x)
         skips = [h]
         for blocks in self.down:
-            h = self._run(blocks, h, emb)
+            h = self._run(blocks, h, emb, keys)
             skips.append(h)
-        h = self._run(self.mid, h, emb)
+        h = self._run(self.mid, h, emb, keys)
         for blocks in self.up:
-            h = self._run(blocks, torch.cat([h, skips.pop()], dim=1), emb)
+            h = self._run(blocks, torch.cat([h, skips.pop()], dim=1), emb, keys)
         pred, var = self.out(h).chunk(2, dim=1)
         return DiffusionOutput(prediction=pred, variance_value=var)
 
@@ -235,5 +283,5 @@ def forward_gflops(denoiser: ConditionalDenoiser, image_size: int) -> float:
     labels = torch.zeros(1, dtype=torch.long, device=device)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        denoiser(x, t, labels)
+        denoiser(x, t, labels, keys=torch.zeros(1, dtype=torch.long, device=device))
     return counter.get_total_flops() / 1e9

@@ -1,12 +1,11 @@
 """Training: `_train` is the control loop, read top to bottom; `train_step` computes one step.
 
-Exact resumption: every random draw of step s (data order, timesteps, noise, label dropout) is
-a pure function of (seed, s) and the sample's index in the global batch, the learning rate is
-a function of s, and a checkpoint holds everything else that changes (weights, EMA, optimizer
-moments, loss scale, progress), so a run resumed from step k continues bitwise identically to
-one that never stopped, and on another world size identically up to floating-point reduction
-order. Model dropout draws its masks per rank (from (seed, s, rank)): with model.dropout > 0
-only a resume at the same world size is exact.
+Exact resumption: every random draw of step s (data order, timesteps, noise, label dropout, the
+model's dropout masks) is a pure function of (seed, s) and the sample's index in the global
+batch, the learning rate is a function of s, and a checkpoint holds everything else that changes
+(weights, EMA, optimizer moments, loss scale, progress). So a run resumed from step k continues
+bitwise identically to one that never stopped, and on another world size identically up to
+floating-point reduction order.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from tqdm import tqdm
 from ddp_diffusion import checkpoint, config, distributed, rundir
 from ddp_diffusion.checkpoint import CheckpointManager, ResumePlan
 from ddp_diffusion.config import Config, TrainConfig
-from ddp_diffusion.data import Batch, InMemoryData, check_batch, derive_seed, load_split
+from ddp_diffusion.data import Batch, InMemoryData, check_batch, load_split
 from ddp_diffusion.diffusion import Diffusion
 from ddp_diffusion.distributed import DistEnv
 from ddp_diffusion.ema import EMA, ema_beta
@@ -181,9 +180,7 @@ def log_resume(state: dict[str, Any], path: str, cfg: Config, env: DistEnv) -> N
     if saved_world != env.world_size:
         log.warning("world size changed on resume: saved at %d, resumed at %d. The same global "
                     "batches and noise continue; the result matches an uninterrupted run up to "
-                    "floating-point reduction order%s", saved_world, env.world_size,
-                    " (not the dropout masks: model.dropout > 0 draws them per rank)"
-                    if cfg.model.dropout > 0 else "")
+                    "floating-point reduction order", saved_world, env.world_size)
 
 
 def train_step(model: nn.Module, no_sync: Callable[[], contextlib.AbstractContextManager],
@@ -204,7 +201,7 @@ def train_step(model: nn.Module, no_sync: Callable[[], contextlib.AbstractContex
         with contextlib.nullcontext() if last else no_sync():
             with autocast(device, precision):
                 xt = diffusion.q_sample(x0, mb.noise, mb.t)
-                out = model(xt, mb.t, mb.labels, mb.drop)
+                out = model(xt, mb.t, mb.labels, mb.drop, mb.keys)
                 loss = diffusion.loss(out, x0, xt, mb.noise, mb.t)
             scaler.scale(loss / len(batches)).backward()
         step_loss += loss.detach() / len(batches)
@@ -355,8 +352,6 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest,
             return stopped(progress.step, saved=False)
         while progress.step < tc.max_steps:
             step = progress.step
-            # Seed global-RNG consumers (model dropout) per step: a function of (seed, step, rank).
-            torch.manual_seed(derive_seed(cfg.seed, "global", step, env.rank))
             for group in opt.param_groups:
                 group["lr"] = learning_rate(tc, step)
             batches = data.micro_batches(step, env.rank, env.world_size, tc.grad_accum,

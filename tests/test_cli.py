@@ -36,6 +36,25 @@ def test_sample_cli_grid_size_and_determinism(trained_run: Path, tmp_path: Path)
     assert not np.array_equal(a, c)
 
 
+def test_sample_uses_the_ema_weights_unless_the_run_or_a_flag_says_otherwise(
+        tiny_data: Path, trained_run: Path, tmp_path: Path) -> None:
+    raw_run = tmp_path / "raw"
+    run_cli("train", *TINY, f"out_dir={raw_run}", f"data.root={tiny_data}", "train.max_steps=10",
+            "sample.use_ema=false")
+    grids = {}
+    for name, run, flags in [("default", trained_run, []), ("ema", trained_run, ["--ema"]),
+                             ("raw", trained_run, ["--no-ema"]), ("raw_run", raw_run, []),
+                             ("raw_run_ema", raw_run, ["--ema"])]:
+        run_cli("sample", "--run", str(run), "--classes", "sneaker", "--per-class", "2",
+                "--steps", "3", *flags, "--out", str(tmp_path / f"{name}.png"))
+        grids[name] = _grid(tmp_path / f"{name}.png")
+    assert np.array_equal(grids["default"], grids["ema"])  # sample.use_ema: true by default
+    assert not np.array_equal(grids["ema"], grids["raw"])
+    # Both runs trained the same steps; sample.use_ema=false makes the raw weights the default.
+    assert np.array_equal(grids["raw_run"], grids["raw"])
+    assert np.array_equal(grids["raw_run_ema"], grids["ema"])
+
+
 def test_parse_classes_accepts_both_naming_schemes() -> None:
     assert parse_classes("all") == list(range(10))
     assert parse_classes("sneaker,Bag,pants,Ankle boot,3") == [7, 8, 1, 9, 3]

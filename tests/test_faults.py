@@ -285,9 +285,10 @@ def test_a_run_resumes_on_another_world_size(tiny_data: Path, tmp_path: Path, be
     def launch(nproc: int, *args: str) -> subprocess.CompletedProcess:
         return run_torchrun(nproc, *args) if nproc > 1 else run_cli(*args)
 
-    launch(before, *train_args(tiny_data, tmp_path / "straight", 8))
-    launch(before, *train_args(tiny_data, tmp_path / "run", 4))
-    proc = launch(after, *train_args(tiny_data, tmp_path / "run", 8))
+    dropout = "model.dropout=0.2"  # its masks too are per sample, not per rank
+    launch(before, *train_args(tiny_data, tmp_path / "straight", 8, dropout))
+    launch(before, *train_args(tiny_data, tmp_path / "run", 4, dropout))
+    proc = launch(after, *train_args(tiny_data, tmp_path / "run", 8, dropout))
     assert (f"world size changed on resume: saved at {before}, resumed at {after}. The same "
             "global batches and noise continue") in proc.stderr
     a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "run")
@@ -320,6 +321,8 @@ def test_a_run_resumes_on_another_world_size(tiny_data: Path, tmp_path: Path, be
     (["model.name=seed_unet", "model.channels=8"],
      "model.channels has no effect with model.name=seed_unet (the code-along's fixed U-Net); "
      "remove it, or use model.name=unet"),
+    (["model.num_classes=5"], "model.num_classes=5 but the data has labels up to 9; set "
+                              "model.num_classes=10"),
     (["train.resume=/nonexistent/ckpt.pt"], "train.resume=/nonexistent/ckpt.pt: no such "
                                             "checkpoint file (use auto, never, or the path of a "
                                             "ckpt-*.pt file)"),

@@ -29,7 +29,8 @@ def test_train_step_overfits_one_batch() -> None:
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     x0 = torch.rand(8, 1, 32, 32) * 2 - 1
     batch = Batch(x0=x0, labels=torch.arange(8), t=torch.randint(0, 100, (8,)),
-                  noise=torch.randn_like(x0), drop=torch.zeros(8, dtype=torch.bool))
+                  noise=torch.randn_like(x0), drop=torch.zeros(8, dtype=torch.bool),
+                  keys=torch.arange(8))
     tc = TrainConfig(grad_clip=1.0)
     losses, norms = [], []
     for _ in range(60):
