@@ -69,8 +69,12 @@ class RunLock:
         Only a requeued run of the same SLURM job waits (up to `wait_s`): its predecessor may
         still be saving its last checkpoint. Anyone else is a second writer and stops at once.
         """
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = self.path.open("a+")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            f = self.path.open("a+")
+        except OSError as e:
+            raise UserError(f"out_dir {self.path.parent} cannot be used: {e.strerror or e}"
+                            ) from None
         deadline = time.monotonic() + wait_s
         waiting = False
         while True:

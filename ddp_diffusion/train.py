@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -78,9 +78,9 @@ def library_versions() -> dict[str, str]:
 class Progress:
     """Where training stands; checkpointed as `progress`."""
 
+    run_id: str  # the W&B run, continued on resume
     step: int = 0
     images_seen: int = 0
-    run_id: str = field(default_factory=new_run_id)  # the W&B run, continued on resume
     nonfinite_total: int = 0
 
     def state_dict(self) -> dict[str, Any]:
@@ -161,10 +161,9 @@ def prepare_run_dir(cfg: Config, lock: rundir.RunLock) -> tuple[ResumePlan, Trac
         checkpoint.check_compatible(plan.state["config"], config.to_dict(cfg), plan.path)
     rundir.move_aside(out_dir, plan.move_aside, plan.new_run)
     config.save(cfg, out_dir / "config.yaml")
-    progress = Progress()
-    if plan.state is not None:
-        progress.load_state_dict(plan.state["progress"])
-    tracker = Tracker(cfg, progress.run_id, active=True, resumed_step=progress.step)
+    saved = plan.state["progress"] if plan.state is not None else {}
+    tracker = Tracker(cfg, saved.get("run_id") or new_run_id(), active=True,
+                      resumed_step=saved.get("step", 0))
     return plan, tracker
 
 
@@ -181,6 +180,30 @@ def log_resume(state: dict[str, Any], path: str, cfg: Config, env: DistEnv) -> N
         log.warning("world size changed on resume: saved at %d, resumed at %d. The same global "
                     "batches and noise continue; the result matches an uninterrupted run up to "
                     "floating-point reduction order", saved_world, env.world_size)
+
+
+class LogWindow:
+    """Loss and gradient norm of the finite steps since the last log, summed on the device."""
+
+    def __init__(self, device: torch.device, step: int) -> None:
+        self.sums = torch.zeros(2, device=device)
+        self.steps, self.since_step, self.since = 0, step, time.perf_counter()
+
+    def add(self, loss: Tensor, grad_norm: Tensor) -> None:
+        self.sums += torch.stack([loss, grad_norm])
+        self.steps += 1
+
+    def close(self, step: int, batch_size: int) -> dict[str, float]:
+        """Loss, grad norm (left out if no step was finite) and images/s; then start anew.
+
+        The only host sync of the loss: once per log interval, averaged over ranks."""
+        loss, norm = distributed.mean_across_ranks(self.sums).tolist()
+        now = time.perf_counter()
+        out = {"loss": loss / self.steps, "grad_norm": norm / self.steps} if self.steps else {}
+        out["images_per_s"] = batch_size * (step - self.since_step) / (now - self.since)
+        self.sums.zero_()
+        self.steps, self.since_step, self.since = 0, step, now
+        return out
 
 
 def train_step(model: nn.Module, no_sync: Callable[[], contextlib.AbstractContextManager],
@@ -320,16 +343,27 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest,
             log.info("step %d: checkpoint %s", progress.step, path)
         return True
 
-    def sample_grid(step: int) -> None:
-        """Rank 0 draws one row per class and logs the grid."""
+    def grid_and_fid(step: int) -> bool:
+        """The sample grid (rank 0: one row per class) and in-training FID (all ranks) due at
+        this step; whether any was."""
         s = cfg.sample
-        classes = list(range(cfg.model.num_classes))
-        labels_ = torch.arange(len(classes), device=env.device).repeat_interleave(s.per_class)
-        imgs = generate(ema.module if s.use_ema else model, diffusion, labels_, s.sampler,
-                        s.steps, s.guidance, seed=cfg.seed, eta=s.eta, precision=precision,
-                        image_size=cfg.model.image_size)
-        path = save_grid(imgs, classes, s.per_class, out_dir / "samples" / f"step-{step:08d}.png")
-        tracker.log_image(step, "samples", path)
+        grid_due = tc.sample_every and (step % tc.sample_every == 0 or step == tc.max_steps)
+        fid_due = cfg.fid.every and (step % cfg.fid.every == 0 or step == tc.max_steps)
+        if grid_due and env.is_main:
+            classes = list(range(cfg.model.num_classes))
+            labels_ = torch.arange(len(classes), device=env.device).repeat_interleave(s.per_class)
+            imgs = generate(ema.module if s.use_ema else model, diffusion, labels_, s.sampler,
+                            s.steps, s.guidance, seed=cfg.seed, eta=s.eta, precision=precision,
+                            image_size=cfg.model.image_size)
+            path = save_grid(imgs, classes, s.per_class,
+                             out_dir / "samples" / f"step-{step:08d}.png")
+            tracker.log_image(step, "samples", path)
+        if fid_due:
+            from ddp_diffusion.fid import evaluate  # all ranks: compute() is a collective
+
+            fid = evaluate(ema.module, diffusion, cfg, cfg.fid, cfg.seed, precision)
+            tracker.log(step, {k: fid[k] for k in ("fid", "class_accuracy")})
+        return bool(grid_due or fid_due)
 
     def stopped(step: int, saved: bool) -> int:
         name = signal.Signals(stop.signal).name if stop.signal else "another rank's signal"
@@ -340,11 +374,10 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest,
 
     progress_bar = tqdm(total=tc.max_steps, initial=progress.step, disable=not env.is_main,
                         unit="step", dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
-    loss_acc = torch.zeros((), device=env.device)
-    norm_acc = torch.zeros((), device=env.device)
-    logged_steps, nonfinite_streak = 0, 0
-    t_last, step_last = time.perf_counter(), progress.step
-    deadline = t_last + 60 * tc.time_limit_minutes if tc.time_limit_minutes > 0 else math.inf
+    window = LogWindow(env.device, progress.step)
+    nonfinite_streak = 0
+    deadline = (time.perf_counter() + 60 * tc.time_limit_minutes if tc.time_limit_minutes > 0
+                else math.inf)
     model.train()
     profiler = start_profiler(tc.profile_steps, out_dir, env)
     try:
@@ -380,9 +413,7 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest,
                 scaler.step(opt)
                 ema.update(model, ema_beta(tc.batch_size, progress.images_seen,
                                            tc.ema_halflife_kimg, tc.ema_rampup_ratio))
-                loss_acc += loss
-                norm_acc += grad_norm
-                logged_steps += 1
+                window.add(loss, grad_norm)
             scaler.update()
             opt.zero_grad(set_to_none=True)
             progress_bar.update(1)
@@ -390,15 +421,8 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest,
                 profiler.step()
 
             if step % tc.log_every == 0 or step == tc.max_steps:
-                # The only host sync of the loss: once per log interval, averaged over ranks.
-                means = distributed.mean_across_ranks(torch.stack([loss_acc, norm_acc]))
-                now = time.perf_counter()
-                # Loss and grad norm average the finite steps; none: they are left out.
-                metrics = {"loss": float(means[0]) / logged_steps,
-                           "grad_norm": float(means[1]) / logged_steps} if logged_steps else {}
-                metrics |= {
+                metrics = window.close(step, tc.batch_size) | {
                     "lr": opt.param_groups[0]["lr"],
-                    "images_per_s": tc.batch_size * (step - step_last) / (now - t_last),
                     "ema_beta": ema_beta(tc.batch_size, progress.images_seen,
                                          tc.ema_halflife_kimg, tc.ema_rampup_ratio),
                     "images_seen": progress.images_seen,
@@ -407,9 +431,6 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest,
                 tracker.log(step, metrics)
                 progress_bar.set_postfix(loss=f"{metrics.get('loss', math.nan):.4f}",
                                          img_s=f"{metrics['images_per_s']:.1f}")
-                loss_acc.zero_()
-                norm_acc.zero_()
-                logged_steps, t_last, step_last = 0, now, step
             saved = ((stop_now or time_up or step % tc.ckpt_every == 0 or step == tc.max_steps)
                      and save_checkpoint())
             if stop_now:
@@ -421,18 +442,9 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest,
 
             # Grids and FID come after the step's checkpoint; a signal that arrives while they
             # run is honoured as soon as they end.
-            grid_due = tc.sample_every and (step % tc.sample_every == 0 or step == tc.max_steps)
-            fid_due = cfg.fid.every and (step % cfg.fid.every == 0 or step == tc.max_steps)
-            if grid_due or fid_due:
-                if grid_due and env.is_main:
-                    sample_grid(step)
-                if fid_due:
-                    from ddp_diffusion.fid import evaluate  # all ranks: compute() is a collective
-
-                    fid = evaluate(ema.module, diffusion, cfg, cfg.fid, cfg.seed, precision)
-                    tracker.log(step, {k: fid[k] for k in ("fid", "class_accuracy")})
-                if step < tc.max_steps and distributed.agree_any([stop.requested])[0]:
-                    return stopped(step, saved or save_checkpoint())
+            if (grid_and_fid(step) and step < tc.max_steps
+                    and distributed.agree_any([stop.requested])[0]):
+                return stopped(step, saved or save_checkpoint())
         log.info("done: step %d, %d images; checkpoints in %s", progress.step,
                  progress.images_seen, ckpt.ckpt_dir)
         return EXIT_OK

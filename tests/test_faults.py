@@ -337,6 +337,15 @@ def test_bad_settings_fail_with_one_line_before_any_work(tiny_data: Path, tmp_pa
     assert not out.exists()  # nothing was started
 
 
+def test_an_out_dir_that_cannot_be_created_fails_with_one_line(tiny_data: Path,
+                                                                tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    out = tmp_path / "file" / "run"
+    proc = run_cli(*train_args(tiny_data, out, 2), check=False)
+    assert (proc.returncode, proc.stderr) == (2, f"error: out_dir {out} cannot be used: Not a "
+                                                 "directory\n")
+
+
 @pytest.mark.parametrize(("content", "message"), [
     (b"train:\n  lr: [1e-3\n", "is not valid YAML: expected ',' or ']', but got '<stream end>' "
                                "(line 3, column 1)"),

@@ -120,6 +120,29 @@ def test_sigkill_of_a_rank_under_max_restarts_recovers_exactly(tiny_data: Path,
     assert_same_run(tmp_path / "straight", out)
 
 
+def test_a_checkpoint_of_the_first_format_still_resumes_exactly(tiny_data: Path,
+                                                                 tmp_path: Path) -> None:
+    """Checkpoints written before format 2 (step, images seen and W&B id at the top level, LR
+    schedule and RNG states saved, weights under `cfg.`) resume to the same result."""
+    run_cli(*args(tiny_data, tmp_path / "straight", 8))
+    out = tmp_path / "old"
+    run_cli(*args(tiny_data, out, 4, "train.ckpt_every=100"))
+    path = checkpoint.path_for(out / "checkpoints", 4)
+    new = torch.load(path, weights_only=True)
+    progress = new.pop("progress")
+    old = {k: v for k, v in new.items() if k not in ("format", "data")}
+    for part in ("model", "ema"):
+        old[part] = {k.replace("cfguidance.", "cfg.", 1): v for k, v in new[part].items()}
+    old.update(images_seen=progress["images_seen"], wandb_run_id=progress["run_id"],
+               lr_schedule={"last_epoch": 4}, rng=[{"cpu": torch.get_rng_state()}],
+               data_position={"epoch": 0, "batch_in_epoch": 4, "steps_per_epoch": 10})
+    torch.save(old, path)
+    proc = run_cli(*args(tiny_data, out, 8, "train.ckpt_every=100"))
+    assert f"resuming from {path} (step 4)" in proc.stderr
+    assert_same_run(tmp_path / "straight", out)
+    assert final_state(out)["progress"]["run_id"] == progress["run_id"]
+
+
 def test_truncated_newest_checkpoint_falls_back_to_previous(tiny_data: Path,
                                                             tmp_path: Path) -> None:
     run_cli(*args(tiny_data, tmp_path / "straight", 12, "train.ckpt_every=4"))
