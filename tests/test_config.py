@@ -75,5 +75,6 @@ def test_shipped_configs_set_only_real_keys_and_build_their_model(path: Path) ->
     model = build_denoiser(cfg.model, cfg.diffusion.steps)
     x = torch.zeros(2, 1, cfg.model.image_size, cfg.model.image_size)
     with torch.no_grad():
-        out = model(x, torch.tensor([0, cfg.diffusion.steps - 1]), torch.tensor([0, 9]))
+        out = model(x, torch.tensor([0, cfg.diffusion.steps - 1]), torch.tensor([0, 9]),
+                    keys=torch.tensor([1, 2]))  # training mode: dropout draws from the keys
     assert out.prediction.shape == x.shape and out.variance_value.shape == x.shape
