@@ -14,10 +14,13 @@ from ddp_diffusion.errors import DDPDiffusionError
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ddp_diffusion import config
+    from ddp_diffusion import config, distributed
     from ddp_diffusion.train import train
 
-    return train(config.load(args.config, args.overrides))
+    try:
+        return train(config.load(args.config, args.overrides))
+    finally:
+        distributed.ignore_stop_signals()  # this process only exits from here on
 
 
 def _submit(args: argparse.Namespace) -> int:

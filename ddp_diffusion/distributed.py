@@ -155,6 +155,17 @@ def mean_across_ranks(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def ignore_stop_signals() -> None:
+    """Ignore stop signals from now on, for a process that is about to exit.
+
+    Interpreter shutdown resets a Python handler to the default action, which kills: torchrun's
+    SIGTERM to the other ranks, sent when the first exits with 75, would then turn a clean exit
+    75 into a death by signal. An ignored signal stays ignored.
+    """
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
 class StopRequest:
     """Remembers SIGTERM/SIGUSR1/SIGUSR2 so the trainer finishes its step, saves and exits.
 

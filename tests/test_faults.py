@@ -484,6 +484,8 @@ def test_a_bad_resume_path_or_a_wandb_that_cannot_start_stops_every_rank(tiny_da
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode != 0
         assert proc.stderr.count(f"error: {message}\n") == 2, proc.stderr[-3000:]  # each rank
+        # ... and exits 2, not killed by torchrun's SIGTERM while the interpreter shuts down.
+        assert proc.stderr.count("exitcode  : 2 ") == 2, proc.stderr[-3000:]
         assert time.monotonic() - start_s < 120  # nobody waited for a collective's timeout
         assert steps_in(tmp_path / "run") == []
 
