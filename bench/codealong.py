@@ -43,8 +43,8 @@ from torchvision.datasets import FashionMNIST
 from torchvision.transforms import Compose, Lambda, Resize, ToTensor
 
 from ddp_diffusion import checkpoint, config
-from ddp_diffusion.data import prepare
 from ddp_diffusion.model import SeedUNet
+from ddp_diffusion.sources import prepare
 
 SEED_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "seed.yaml"
 
@@ -107,6 +107,7 @@ class CodeAlong:
     def save_run(self, run_dir: Path, step: int) -> Path:
         """A run directory that `ddp-diffusion sample/fid --run` can load (weights, no EMA)."""
         cfg = config.load(SEED_CONFIG, [f"out_dir={run_dir}"])
+        cfg.model = config.with_data_shape(cfg.model, num_classes=10, channels=1)  # Fashion
         weights = self.denoiser_state()
         return checkpoint.write_atomic({
             "step": step, "images_seen": step * self.loader.batch_size,

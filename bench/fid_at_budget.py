@@ -99,7 +99,7 @@ def evaluate_runs(args: argparse.Namespace) -> None:
         rows: list[dict[str, Any]] = []
         precision = resolve_precision(args.precision, env.device)
         for name in RUNS:
-            cfg, denoiser, diffusion, step = load_run(Path(args.runs) / name, None, True,
+            cfg, denoiser, diffusion, step, _ = load_run(Path(args.runs) / name, None, True,
                                                       env.device)
             cfg.data.root = args.data_root
             fc = dataclasses.replace(cfg.fid, num_samples=args.num_samples, sampler="ddim",

@@ -119,7 +119,7 @@ def main() -> None:
 
     env = distributed.init()
     try:
-        cfg, denoiser, diffusion, step = load_run(Path(args.run), args.checkpoint and
+        cfg, denoiser, diffusion, step, _ = load_run(Path(args.run), args.checkpoint and
                                                   Path(args.checkpoint), True, env.device)
         cfg.data.root = args.data_root or cfg.data.root
         grid, guidances = (QUICK_GRID, QUICK_GUIDANCES) if args.quick else (GRID, GUIDANCES)

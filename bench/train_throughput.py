@@ -96,7 +96,8 @@ def sync(device: torch.device) -> None:
 def train_gflops(cfg_path: Path, overrides: list[str]) -> float:
     """Forward + backward GFLOP per training image of a config's model (FLOP counter)."""
     cfg = config.load(cfg_path, overrides)
-    model = build_denoiser(cfg.model, Diffusion(cfg.diffusion).num_timesteps)
+    m = config.with_data_shape(cfg.model, num_classes=10, channels=1)  # Fashion-MNIST
+    model = build_denoiser(m, Diffusion(cfg.diffusion).num_timesteps)
     b, s = 2, cfg.model.image_size
     x, t, y = torch.randn(b, 1, s, s), torch.randint(0, 1000, (b,)), torch.arange(b)
     with FlopCounterMode(display=False) as counter:

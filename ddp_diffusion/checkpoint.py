@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ddp_diffusion.config import flatten
+from ddp_diffusion.config import flatten, from_dict, to_dict
 from ddp_diffusion.errors import UserError, WriteFailed
 
 log = logging.getLogger("ddp_diffusion")
@@ -108,7 +108,14 @@ def _free_bytes(folder: Path) -> int:
 
 
 def upgrade(state: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint dict in the current format (older files are read as they were written)."""
+    """A checkpoint dict in the current format (older files are read as they were written).
+
+    Its config is completed with the current defaults; runs from before other datasets were
+    Fashion-MNIST, greyscale."""
+    config = state.get("config")
+    if isinstance(config, dict):
+        config.setdefault("model", {}).setdefault("in_channels", 1)
+        state["config"] = to_dict(from_dict(config))
     if state.get("format", 1) == 1:
         state = dict(state)
         state["progress"] = {"step": int(state["step"]),

@@ -63,21 +63,21 @@ def _sample(args: argparse.Namespace) -> int:
 
     from ddp_diffusion.sample import generate, load_run, parse_classes, save_grid
 
-    classes = parse_classes(args.classes)
     _check_flags(args)
     check(Path(args.out).suffix.lower() in Image.registered_extensions(),
           f"--out {args.out}: name an image file, e.g. grid.png (PNG, JPEG, WebP, ...)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg, denoiser, diffusion, step = load_run(Path(args.run), args.checkpoint and
-                                              Path(args.checkpoint), args.ema, device)
-    s = dataclasses.replace(cfg.sample, **_overrides(args, SAMPLE_FLAGS))
-    check_sample(s, diffusion.num_timesteps, prefix="--")
+    run = load_run(Path(args.run), args.checkpoint and Path(args.checkpoint), args.ema, device)
+    classes = parse_classes(args.classes, run.class_names)
+    m = run.cfg.model
+    s = dataclasses.replace(run.cfg.sample, **_overrides(args, SAMPLE_FLAGS))
+    check_sample(s, run.diffusion.num_timesteps, prefix="--")
     labels = torch.tensor(classes, device=device).repeat_interleave(s.per_class)
-    images = generate(denoiser, diffusion, labels, s.sampler, s.steps, s.guidance,
+    images = generate(run.denoiser, run.diffusion, labels, s.sampler, s.steps, s.guidance,
                       seed=args.seed, eta=s.eta, precision=args.precision,
-                      image_size=cfg.model.image_size)
-    out = save_grid(images, classes, s.per_class, Path(args.out))
-    print(f"wrote {out} ({len(classes)} classes x {s.per_class}, step {step})")
+                      image_size=m.image_size, channels=m.in_channels)
+    out = save_grid(images, [run.class_names[c] for c in classes], s.per_class, Path(args.out))
+    print(f"wrote {out} ({len(classes)} classes x {s.per_class}, step {run.step})")
     return 0
 
 
@@ -91,8 +91,8 @@ def _fid(args: argparse.Namespace) -> int:
     _check_flags(args)
     env = distributed.init()
     try:
-        cfg, denoiser, diffusion, step = load_run(Path(args.run), args.checkpoint and
-                                                  Path(args.checkpoint), args.ema, env.device)
+        cfg, denoiser, diffusion, step, _ = load_run(Path(args.run), args.checkpoint and
+                                                     Path(args.checkpoint), args.ema, env.device)
         fc = dataclasses.replace(cfg.fid, **_overrides(args, FID_FLAGS))
         check_fid(fc, diffusion.num_timesteps, prefix="--")
         if args.eta is not None:

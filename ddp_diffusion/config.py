@@ -23,7 +23,8 @@ from ddp_diffusion.errors import UserError
 @dataclass
 class ModelConfig:
     name: Literal["unet", "seed_unet"] = "unet"  # seed_unet: the code-along's U-Net, exactly
-    num_classes: int = 10
+    num_classes: int | None = None  # None: from the data (1 for an unconditional model)
+    in_channels: int | None = None  # None: from the data (1 greyscale, 3 RGB)
     image_size: int = 32
     cond_dim: int = 32  # class-embedding width (seed_unet: also the timestep-embedding width)
     channels: int = 64  # unet: width of the first level
@@ -44,9 +45,16 @@ class DiffusionConfig:
 
 @dataclass
 class DataConfig:
-    root: str = "data"
+    dataset: Literal["fashion_mnist", "mnist", "cifar10", "image_folder"] = "fashion_mnist"
+    root: str = "data"  # torchvision datasets, FID reference statistics, folder check cache
+    path: str | None = None  # image_folder: a folder of class subfolders (or of images)
     download: bool = False
     debian_dir: str = "/usr/share/datasets/fashion-mnist"
+    loader: Literal["auto", "memory", "stream"] = "auto"  # auto: memory if it fits in 2 GiB
+    num_workers: int = 4  # stream loader (and the image check): decoding worker processes
+    hflip: bool = False  # random horizontal flips, drawn per sample from (seed, step, index)
+    class_conditional: bool = True  # false: one class, an unconditional model
+    channels: int = 0  # image_folder: 0 = 3 if any image is in colour, else 1; or 1 or 3
 
 
 @dataclass
@@ -283,6 +291,16 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
     return cfg
 
 
+def with_data_shape(m: ModelConfig, num_classes: int, channels: int) -> ModelConfig:
+    """The model config with the data's number of classes and channels filled in; a value set
+    in the config that differs from the data's is an error."""
+    for key, value in (("num_classes", num_classes), ("in_channels", channels)):
+        given = getattr(m, key)
+        check(given in (None, value), f"model.{key}={given} but the data has {value}; remove "
+                                      f"model.{key} (it comes from the data)")
+    return dataclasses.replace(m, num_classes=num_classes, in_channels=channels)
+
+
 def to_dict(cfg: Config) -> dict[str, Any]:
     """The config as a plain nested dict (YAML- and checkpoint-safe)."""
     return dataclasses.asdict(cfg)
@@ -357,7 +375,9 @@ SEED_UNET_FIXED = ("channels", "channel_mult", "num_res_blocks", "attention_reso
 
 
 def _validate_model(m: ModelConfig) -> None:
-    check_at_least("model.num_classes", m.num_classes, 1)
+    for key in ("num_classes", "in_channels"):
+        if getattr(m, key) is not None:
+            check_at_least(f"model.{key}", getattr(m, key), 1)
     check_at_least("model.cond_dim", m.cond_dim, 1)
     if m.name == "seed_unet":
         default = ModelConfig()
@@ -416,9 +436,21 @@ def _validate_train(t: TrainConfig) -> None:
                                          "(use auto, never, or the path of a ckpt-*.pt file)")
 
 
+def _validate_data(d: DataConfig) -> None:
+    check_at_least("data.num_workers", d.num_workers, 0)
+    check(d.channels in (0, 1, 3), f"data.channels={d.channels} must be 0 (from the images), 1 "
+                                   "or 3")
+    if d.dataset == "image_folder":
+        check(bool(d.path), "data.dataset=image_folder needs data.path, the folder of images")
+    else:
+        check(d.path is None, f"data.path has no effect with data.dataset={d.dataset}; remove "
+                              "it, or use data.dataset=image_folder")
+
+
 def validate(cfg: Config) -> None:
     """Check ranges and cross-key rules; raise a one-line UserError naming the fix."""
     _validate_model(cfg.model)
+    _validate_data(cfg.data)
     check_at_least("diffusion.steps", cfg.diffusion.steps, 2)
     check_fraction("diffusion.cfg_dropout", cfg.diffusion.cfg_dropout)
     _validate_train(cfg.train)

@@ -1,82 +1,37 @@
-"""Fashion-MNIST in memory, and deterministic, world-size-invariant training batches."""
+"""Training batches from a source: deterministic, world-size-invariant, in memory or streamed.
+
+The global batch of step s is a pure function of (seed, s): epoch e = s // steps_per_epoch uses
+permutation(seed, e), and every random draw (timesteps, noise, label dropout, the keys of the
+model's dropout masks, flips) is made for the whole global batch from a generator seeded by
+(seed, s). Each rank takes its slice of the indices and of the draws, so any world size, any
+number of accumulation micro-steps and any number of loader workers see the same samples and
+noise, and a run resumed at step s, on any world size, continues exactly.
+
+Two loaders share this plan behind one interface, `micro_batches(step)`:
+- `MemoryLoader` keeps every image on the device (right for small sets);
+- `StreamLoader` reads and decodes this rank's images of each step in DataLoader workers, steps
+  ahead of training, into pinned memory (sets larger than memory).
+`make_loader` picks one (data.loader: auto = memory when the set fits in MEMORY_LIMIT_BYTES).
+"""
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import os
-import shutil
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torchvision.datasets import FashionMNIST
+from torch import Tensor
+from torch.utils.data import DataLoader
 
+from ddp_diffusion.config import Config
 from ddp_diffusion.errors import UserError
+from ddp_diffusion.sources import Reader, Source
 
-RAW_FILES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
-CLASS_NAMES = tuple(FashionMNIST.classes)  # T-shirt/top, Trouser, ..., Ankle boot
-SHORT_NAMES = ("t-shirt", "pants", "sweater", "dress", "coat", "sandal", "shirt", "sneaker",
-               "purse", "boot")  # the code-along's names
+log = logging.getLogger("ddp_diffusion")
 
-
-def raw_dir(root: str | Path) -> Path:
-    """Where torchvision's FashionMNIST(download=False) expects the uncompressed IDX files."""
-    return Path(root) / "FashionMNIST" / "raw"
-
-
-def prepare(root: str | Path, debian_dir: str | Path, download: bool) -> None:
-    """Make sure the four uncompressed IDX files exist under ROOT/FashionMNIST/raw/."""
-    target = raw_dir(root)
-    if all((target / name).is_file() for name in RAW_FILES):
-        return
-    debian = Path(debian_dir)
-    if all((debian / f"{name}.gz").is_file() for name in RAW_FILES):
-        target.mkdir(parents=True, exist_ok=True)
-        for name in RAW_FILES:
-            tmp = target / f".{name}.tmp-{os.getpid()}"  # ranks may prepare concurrently
-            with gzip.open(debian / f"{name}.gz", "rb") as src, tmp.open("wb") as dst:
-                shutil.copyfileobj(src, dst)
-            tmp.replace(target / name)  # atomic: a crash never leaves a half-written IDX file
-        return
-    if download:
-        FashionMNIST(str(root), train=True, download=True)
-        return
-    raise UserError(
-        f"Fashion-MNIST not found in {target} or {debian}: install it with "
-        "'sudo apt-get install dataset-fashion-mnist', or set data.download=true to fetch it"
-    )
-
-
-def load_split(root: str | Path, train: bool, debian_dir: str | Path = "", download: bool = False
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (N, 28, 28) uint8 and labels (N,) int64 of one split, through torchvision's loader."""
-    prepare(root, debian_dir, download)
-    ds = FashionMNIST(str(root), train=train, download=False)
-    return ds.data, ds.targets
-
-
-def to_model_range(images: torch.Tensor, size: int = 32) -> torch.Tensor:
-    """uint8 (N, 28, 28) -> float (N, 1, size, size) in [-1, 1], zero-padded (background = -1)."""
-    x = images.unsqueeze(1).float().div_(127.5).sub_(1.0)
-    pad = size - x.shape[-1]
-    if pad < 0 or pad % 2:
-        return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    return F.pad(x, (pad // 2,) * 4, value=-1.0)
-
-
-def fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
-    """A short hash of a dataset's pixels and labels."""
-    h = hashlib.blake2b(digest_size=16)
-    for t in (images, labels):
-        h.update(t.contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()
+MEMORY_LIMIT_BYTES = 2 * 2**30  # data.loader=auto holds a set in memory up to this size
 
 
 def derive_seed(*parts: int | str) -> int:
@@ -87,92 +42,15 @@ def derive_seed(*parts: int | str) -> int:
 
 @dataclass
 class Batch:
-    x0: torch.Tensor  # (b, 1, H, W) in [-1, 1]
-    labels: torch.Tensor  # (b,) int64
-    t: torch.Tensor  # (b,) int64 diffusion steps
-    noise: torch.Tensor  # (b, 1, H, W)
-    drop: torch.Tensor  # (b,) bool: replace the label by the null embedding (CFG training)
-    keys: torch.Tensor  # (b,) int64: per-sample keys of the model's dropout masks
+    x0: Tensor  # (b, C, H, W) in [-1, 1]
+    labels: Tensor  # (b,) int64
+    t: Tensor  # (b,) int64 diffusion steps
+    noise: Tensor  # (b, C, H, W)
+    drop: Tensor  # (b,) bool: replace the label by the null embedding (CFG training)
+    keys: Tensor  # (b,) int64: per-sample keys of the model's dropout masks
 
 
 BATCH_FIELDS = tuple(Batch.__dataclass_fields__)
-
-
-class InMemoryData:
-    """The whole training set on the device, served as deterministic global batches.
-
-    The global batch of step s is a pure function of (seed, s): epoch e = s // steps_per_epoch
-    uses permutation(seed, e), and every random draw (timesteps, noise, label dropout, the keys
-    of the model's dropout masks) is made
-    for the whole global batch from a generator seeded by (seed, s). A rank takes its slice, so
-    any world size and any number of accumulation micro-steps see exactly the same samples and
-    noise, and resuming at step s replays exactly what an uninterrupted run does.
-    """
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int,
-                 device: torch.device, image_size: int = 32) -> None:
-        if batch_size > len(images):
-            raise UserError(f"train.batch_size={batch_size} exceeds the {len(images)} images")
-        self.fingerprint = fingerprint(images, labels)
-        self.images = images.to(device)  # uint8: 47 MB for the full training set
-        self.labels = labels.to(device)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.device = device
-        self.image_size = image_size
-        self.steps_per_epoch = len(images) // batch_size  # drop the ragged tail of each epoch
-        self._gen = torch.Generator(device=device)
-        self._perm_epoch = -1
-        self._perm = torch.empty(0, dtype=torch.long)
-
-    def position(self, step: int) -> tuple[int, int]:
-        """(epoch, batch index within the epoch) of a global step."""
-        return divmod(step, self.steps_per_epoch)
-
-    def state_dict(self) -> dict[str, int | str]:
-        """What a checkpoint records of the data: the position is a function of the step, so
-        only the source is stored, to refuse resuming on different data."""
-        return {"num_images": len(self.images), "fingerprint": self.fingerprint}
-
-    def load_state_dict(self, state: dict[str, int | str]) -> None:
-        """Check that the checkpoint was trained on this same data (format 1 did not say)."""
-        if state and state != self.state_dict():
-            raise UserError(
-                f"the training data changed since this checkpoint ({state['num_images']} images "
-                f"then, {len(self.images)} now, or different contents): resume with the data it "
-                "was trained on, or start a new run (train.resume=never or a new out_dir)")
-
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        if epoch != self._perm_epoch:
-            self._gen.manual_seed(derive_seed(self.seed, "perm", epoch))
-            self._perm = torch.randperm(len(self.images), generator=self._gen, device=self.device)
-            self._perm_epoch = epoch
-        return self._perm
-
-    def global_batch(self, step: int, num_timesteps: int, cfg_dropout: float) -> Batch:
-        """The full global batch of a step, with its timesteps, noise and label-dropout mask."""
-        epoch, index = self.position(step)
-        idx = self._permutation(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
-        x0 = to_model_range(self.images[idx], self.image_size)
-        self._gen.manual_seed(derive_seed(self.seed, "noise", step))
-        t = torch.randint(0, num_timesteps, (self.batch_size,), generator=self._gen,
-                          device=self.device)
-        noise = torch.randn(x0.shape, generator=self._gen, device=self.device)
-        drop = torch.rand(self.batch_size, generator=self._gen, device=self.device) < cfg_dropout
-        keys = torch.randint(0, 2**31, (self.batch_size,), generator=self._gen, device=self.device)
-        return Batch(x0, self.labels[idx], t, noise, drop, keys)
-
-    def micro_batches(self, step: int, rank: int, world_size: int, accum: int,
-                      num_timesteps: int, cfg_dropout: float) -> list[Batch]:
-        """This rank's accumulation micro-batches of the global batch of `step`."""
-        full = self.global_batch(step, num_timesteps, cfg_dropout)
-        per_rank = self.batch_size // world_size
-        micro = per_rank // accum
-        out = []
-        for k in range(accum):
-            lo = rank * per_rank + k * micro
-            out.append(Batch(*(getattr(full, f)[lo:lo + micro] for f in BATCH_FIELDS)))
-        return out
 
 
 def check_batch(batch_size: int, world_size: int, accum: int) -> int:
@@ -183,3 +61,164 @@ def check_batch(batch_size: int, world_size: int, accum: int) -> int:
             f"train.grad_accum {accum}; choose a multiple of {world_size * accum}"
         )
     return batch_size // (world_size * accum)
+
+
+@dataclass
+class Draws:
+    """The random draws of one global batch (or a rank's slice of them)."""
+
+    t: Tensor
+    noise: Tensor
+    drop: Tensor
+    keys: Tensor
+    flip: Tensor | None
+
+    def slice(self, lo: int, hi: int) -> Draws:
+        return Draws(self.t[lo:hi], self.noise[lo:hi], self.drop[lo:hi], self.keys[lo:hi],
+                     None if self.flip is None else self.flip[lo:hi])
+
+
+class StepPlan:
+    """Which images, and which random draws, the global batch of each step has."""
+
+    def __init__(self, num_images: int, batch_size: int, seed: int, device: torch.device,
+                 hflip: bool = False) -> None:
+        if batch_size > num_images:
+            raise UserError(f"train.batch_size={batch_size} exceeds the {num_images} images")
+        self.num_images, self.batch_size, self.seed = num_images, batch_size, seed
+        self.device, self.hflip = device, hflip
+        self.steps_per_epoch = num_images // batch_size  # drop the ragged tail of each epoch
+        self._gen = torch.Generator(device=device)
+        self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, batch index within the epoch) of a global step."""
+        return divmod(step, self.steps_per_epoch)
+
+    def indices(self, step: int) -> Tensor:
+        """Indices into the set of the global batch of a step (on the plan's device)."""
+        epoch, index = self.position(step)
+        if epoch != self._perm_epoch:
+            self._gen.manual_seed(derive_seed(self.seed, "perm", epoch))
+            self._perm = torch.randperm(self.num_images, generator=self._gen, device=self.device)
+            self._perm_epoch = epoch
+        return self._perm[index * self.batch_size:(index + 1) * self.batch_size]
+
+    def draws(self, step: int, image_shape: tuple[int, ...], num_timesteps: int,
+              cfg_dropout: float) -> Draws:
+        """Timesteps, noise, label dropout, dropout keys (and flips) of a global batch."""
+        b, gen = self.batch_size, self._gen
+        gen.manual_seed(derive_seed(self.seed, "noise", step))
+        t = torch.randint(0, num_timesteps, (b,), generator=gen, device=self.device)
+        noise = torch.randn((b, *image_shape), generator=gen, device=self.device)
+        drop = torch.rand(b, generator=gen, device=self.device) < cfg_dropout
+        keys = torch.randint(0, 2**31, (b,), generator=gen, device=self.device)
+        flip = torch.rand(b, generator=gen, device=self.device) < 0.5 if self.hflip else None
+        return Draws(t, noise, drop, keys, flip)
+
+
+class _Loader:
+    """What both loaders share: this rank's slice of each step, split into micro-batches."""
+
+    def __init__(self, plan: StepPlan, image_shape: tuple[int, ...], rank: int, world_size: int,
+                 accum: int, num_timesteps: int, cfg_dropout: float) -> None:
+        self.plan, self.image_shape = plan, image_shape
+        self.per_rank = plan.batch_size // world_size
+        self.lo = rank * self.per_rank
+        self.accum, self.num_timesteps, self.cfg_dropout = accum, num_timesteps, cfg_dropout
+
+    def rank_indices(self, step: int) -> Tensor:
+        return self.plan.indices(step)[self.lo:self.lo + self.per_rank]
+
+    def assemble(self, step: int, pixels: Tensor, labels: Tensor) -> list[Batch]:
+        """Micro-batches from this rank's uint8 pixels and labels of a step, with its draws."""
+        d = self.plan.draws(step, self.image_shape, self.num_timesteps, self.cfg_dropout)
+        d = d.slice(self.lo, self.lo + self.per_rank)
+        x0 = pixels.float().div_(127.5).sub_(1.0)
+        if d.flip is not None:
+            x0 = torch.where(d.flip[:, None, None, None], x0.flip(-1), x0)
+        full = Batch(x0, labels, d.t, d.noise, d.drop, d.keys)
+        micro = self.per_rank // self.accum
+        return [Batch(*(getattr(full, f)[k * micro:(k + 1) * micro] for f in BATCH_FIELDS))
+                for k in range(self.accum)]
+
+
+class MemoryLoader(_Loader):
+    """Every image on the device as uint8; a step's images are gathered by index."""
+
+    def __init__(self, images: Tensor, labels: Tensor, plan: StepPlan, rank: int,
+                 world_size: int, accum: int, num_timesteps: int, cfg_dropout: float) -> None:
+        super().__init__(plan, tuple(images.shape[1:]), rank, world_size, accum, num_timesteps,
+                         cfg_dropout)
+        self.images, self.labels = images.to(plan.device), labels.to(plan.device)
+
+    def micro_batches(self, step: int) -> list[Batch]:
+        idx = self.rank_indices(step)
+        return self.assemble(step, self.images[idx], self.labels[idx])
+
+
+def _collate(items: list[Tensor | str]) -> Tensor | str:
+    """Stack a step's images, or pass on the first one-line error of a worker."""
+    errors = [item for item in items if isinstance(item, str)]
+    return errors[0] if errors else torch.stack(items)
+
+
+class StreamLoader(_Loader):
+    """This rank's images of each step, read by DataLoader workers from `start_step` on."""
+
+    def __init__(self, source: Source, plan: StepPlan, rank: int, world_size: int, accum: int,
+                 num_timesteps: int, cfg_dropout: float, start_step: int, max_steps: int,
+                 num_workers: int) -> None:
+        super().__init__(plan, (source.channels, source.image_size, source.image_size), rank,
+                         world_size, accum, num_timesteps, cfg_dropout)
+        self.labels = source.labels
+        self.next_step = start_step
+        loader = DataLoader(Reader(source), batch_sampler=_Steps(self, start_step, max_steps),
+                            num_workers=num_workers, collate_fn=_collate,
+                            pin_memory=plan.device.type == "cuda",
+                            prefetch_factor=4 if num_workers else None)
+        self._batches = iter(loader)
+
+    def micro_batches(self, step: int) -> list[Batch]:
+        if step != self.next_step:
+            raise RuntimeError(f"stream loader asked for step {step}, expected {self.next_step}")
+        self.next_step += 1
+        pixels = next(self._batches)
+        if isinstance(pixels, str):  # a file went bad since the check: this step fails
+            raise UserError(pixels)
+        idx = self.rank_indices(step).cpu()
+        return self.assemble(step, pixels.to(self.plan.device, non_blocking=True),
+                             self.labels[idx].to(self.plan.device))
+
+
+class _Steps:
+    """The stream loader's batch sampler: this rank's indices of each step, in step order.
+    DataLoader asks for them ahead of training, as far as its prefetch reaches."""
+
+    def __init__(self, loader: StreamLoader, start_step: int, max_steps: int) -> None:
+        self.loader, self.steps = loader, range(start_step, max_steps)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in self.steps:
+            yield self.loader.rank_indices(step).tolist()
+
+
+def make_loader(source: Source, cfg: Config, rank: int, world_size: int, device: torch.device,
+                start_step: int, num_timesteps: int) -> MemoryLoader | StreamLoader:
+    """The configured loader of a source (auto: memory if the set fits MEMORY_LIMIT_BYTES)."""
+    dc, tc = cfg.data, cfg.train
+    kind = dc.loader
+    if kind == "auto":
+        kind = "memory" if source.nbytes <= MEMORY_LIMIT_BYTES else "stream"
+    plan = StepPlan(len(source), tc.batch_size, cfg.seed, device, dc.hflip)
+    common = (rank, world_size, tc.grad_accum, num_timesteps, cfg.diffusion.cfg_dropout)
+    log.info("data: %s, %d images (%d class(es), %d channel(s), %.0f MB at %dx%d), %s loader%s",
+             source.dataset, len(source), len(source.class_names), source.channels,
+             source.nbytes / 1e6, source.image_size, source.image_size, kind,
+             f" with {dc.num_workers} worker(s)" if kind == "stream" else "")
+    if kind == "memory":
+        return MemoryLoader(source.read_all(dc.num_workers), source.labels, plan, *common)
+    return StreamLoader(source, plan, *common, start_step, tc.max_steps, dc.num_workers)

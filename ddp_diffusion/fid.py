@@ -28,10 +28,11 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from ddp_diffusion import checkpoint, distributed
 from ddp_diffusion.classifier import FashionClassifier, load_classifier, to_uint8
 from ddp_diffusion.config import Config, FidConfig, check_fid
-from ddp_diffusion.data import derive_seed, load_split
+from ddp_diffusion.data import derive_seed
 from ddp_diffusion.diffusion import ConditionalDenoiser, Diffusion
 from ddp_diffusion.errors import UserError
 from ddp_diffusion.sample import generate
+from ddp_diffusion.sources import load_split
 
 log = logging.getLogger("ddp_diffusion")
 

@@ -55,16 +55,17 @@ class UpBlock(nn.Module):
 class SeedUNet(nn.Module):
     """The code-along's U-Net, layer for layer (the baseline we compare against)."""
 
-    def __init__(self, num_timesteps: int = 1000, time_dim: int = 32, cond_dim: int = 32) -> None:
+    def __init__(self, num_timesteps: int = 1000, time_dim: int = 32, cond_dim: int = 32,
+                 in_channels: int = 1) -> None:
         super().__init__()
         cond = time_dim + cond_dim
         self.time_embedding = nn.Embedding(num_timesteps, time_dim)
-        self.conv = nn.Conv2d(1, 128, 3, padding=1)
+        self.conv = nn.Conv2d(in_channels, 128, 3, padding=1)
         self.down = nn.ModuleList([DownBlock(128, 256, cond), DownBlock(256, 512, cond)])
         self.bottleneck = DownBlock(512, 512, cond)
         self.up = nn.ModuleList([UpBlock(512, 256), UpBlock(256, 128)])
-        self.prediction = nn.Conv2d(128, 1, 3, padding=1)
-        self.variance = nn.Conv2d(128, 1, 3, padding=1)
+        self.prediction = nn.Conv2d(128, in_channels, 3, padding=1)
+        self.variance = nn.Conv2d(128, in_channels, 3, padding=1)
 
     def forward(self, x: Tensor, t: Tensor, conditional_inputs: dict[str, Tensor]
                 ) -> DiffusionOutput:
@@ -196,7 +197,7 @@ class UNet(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(),
                                       nn.Linear(emb_dim, emb_dim))
         self.cond_proj = nn.Linear(cfg.cond_dim, emb_dim)
-        self.stem = nn.Conv2d(1, ch, 3, padding=1)
+        self.stem = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
 
         res, widths = cfg.image_size, [ch]
         salts = itertools.count(1)  # one dropout salt per block: masks differ between layers
@@ -230,7 +231,7 @@ class UNet(nn.Module):
                     res *= 2
                 self.up.append(nn.ModuleList(blocks))
         self.out = nn.Sequential(group_norm(cur), nn.SiLU(),
-                                 zero_init(nn.Conv2d(cur, 2, 3, padding=1)))
+                                 zero_init(nn.Conv2d(cur, 2 * cfg.in_channels, 3, padding=1)))
 
     @staticmethod
     def _run(blocks: nn.ModuleList, h: Tensor, emb: Tensor, keys: Tensor | None) -> Tensor:
@@ -263,8 +264,12 @@ class UNet(nn.Module):
 
 def build_denoiser(cfg: ModelConfig, num_timesteps: int) -> ConditionalDenoiser:
     """The configured network inside the class embedding + CFGuidance wrapper."""
+    if cfg.num_classes is None or cfg.in_channels is None:
+        raise ValueError("model.num_classes and model.in_channels come from the data: "
+                         "use config.with_data_shape first")
     if cfg.name == "seed_unet":
-        net: nn.Module = SeedUNet(num_timesteps, time_dim=32, cond_dim=cfg.cond_dim)
+        net: nn.Module = SeedUNet(num_timesteps, time_dim=32, cond_dim=cfg.cond_dim,
+                                  in_channels=cfg.in_channels)
     else:
         net = UNet(cfg)
     return ConditionalDenoiser(net, cfg.num_classes, cfg.cond_dim)
@@ -275,10 +280,10 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def forward_gflops(denoiser: ConditionalDenoiser, image_size: int) -> float:
+def forward_gflops(denoiser: ConditionalDenoiser, image_size: int, channels: int = 1) -> float:
     """Forward GFLOP per image (multiply-add = 2 FLOPs), counted with torch's FlopCounterMode."""
     device = next(denoiser.parameters()).device
-    x = torch.zeros(1, 1, image_size, image_size, device=device)
+    x = torch.zeros(1, channels, image_size, image_size, device=device)
     t = torch.zeros(1, dtype=torch.long, device=device)
     labels = torch.zeros(1, dtype=torch.long, device=device)
     counter = FlopCounterMode(display=False)

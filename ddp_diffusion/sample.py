@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from PIL import Image, ImageDraw
@@ -12,31 +13,37 @@ from torchvision.utils import make_grid
 
 from ddp_diffusion import checkpoint
 from ddp_diffusion.config import Config, from_dict
-from ddp_diffusion.data import CLASS_NAMES, SHORT_NAMES, derive_seed
+from ddp_diffusion.data import derive_seed
 from ddp_diffusion.diffusion import ConditionalDenoiser, Diffusion
 from ddp_diffusion.errors import UserError
 from ddp_diffusion.model import build_denoiser
 from ddp_diffusion.precision import autocast
+from ddp_diffusion.sources import CLASS_NAMES, SHORT_NAMES
 
 LABEL_WIDTH = 84  # pixels left of each grid row for the class name
 
 
-def parse_classes(spec: str) -> list[int]:
-    """'all', or comma-separated dataset names, code-along short names or indices -> indices."""
+def parse_classes(spec: str, names: tuple[str, ...] = CLASS_NAMES) -> list[int]:
+    """'all', or comma-separated class names or indices of a run's data -> indices.
+
+    Fashion-MNIST also answers to the code-along's short names (sneaker, purse, boot, ...).
+    """
     if spec.strip().lower() == "all":
-        return list(range(len(CLASS_NAMES)))
-    lookup = {n.lower(): i for i, n in enumerate(CLASS_NAMES)}
-    lookup.update({n: i for i, n in enumerate(SHORT_NAMES)})
-    lookup.update({str(i): i for i in range(len(CLASS_NAMES))})
+        return list(range(len(names)))
+    shown = SHORT_NAMES if names == CLASS_NAMES else names
+    lookup = {n.lower(): i for i, n in enumerate(names)}
+    lookup.update({n: i for i, n in enumerate(shown)})
+    lookup.update({str(i): i for i in range(len(names))})
     out = []
     for item in (s.strip().lower() for s in spec.split(",") if s.strip()):
         if item not in lookup:
-            raise UserError(f"unknown class '{item}'; use one of: all, {', '.join(SHORT_NAMES)} "
-                            f"(or 0..{len(CLASS_NAMES) - 1})")
+            listed = ", ".join(shown[:20]) + (", ..." if len(shown) > 20 else "")
+            raise UserError(f"unknown class '{item}'; use one of: all, {listed} "
+                            f"(or 0..{len(names) - 1})")
         out.append(lookup[item])
     if not out:
         raise UserError(f"--classes '{spec}' names no class; use all, or names or indices such "
-                        "as sneaker,bag or 7,8")
+                        f"as {','.join(shown[:2])} or 0,1")
     return out
 
 
@@ -52,7 +59,7 @@ def seeded(seed: int, device: torch.device) -> Iterator[None]:
 @torch.no_grad()
 def generate(denoiser: ConditionalDenoiser, diffusion: Diffusion, labels: torch.Tensor,
              sampler: str, steps: int, guidance: float, seed: int, eta: float = 0.0,
-             precision: str = "fp32", image_size: int = 32) -> torch.Tensor:
+             precision: str = "fp32", image_size: int = 32, channels: int = 1) -> torch.Tensor:
     """Images in [-1, 1] for the given labels; the same seed and labels give the same pixels."""
     device = next(denoiser.parameters()).device
     was_training = denoiser.training
@@ -60,23 +67,27 @@ def generate(denoiser: ConditionalDenoiser, diffusion: Diffusion, labels: torch.
     module = diffusion.sampler(denoiser, sampler, steps, guidance, eta)
     try:
         with seeded(derive_seed(seed, "sample"), device), autocast(device, precision):
-            x = torch.randn(len(labels), 1, image_size, image_size, device=device)
+            x = torch.randn(len(labels), channels, image_size, image_size, device=device)
             images = module(x, conditional_inputs=denoiser.condition(labels.to(device)))
     finally:
         denoiser.train(was_training)
     return images.float().clamp(-1, 1)
 
 
-def save_grid(images: torch.Tensor, classes: list[int], per_class: int, path: Path) -> Path:
-    """A PNG with one labelled row of `per_class` images per class."""
+def save_grid(images: torch.Tensor, row_names: list[str] | tuple[str, ...], per_class: int,
+              path: Path) -> Path:
+    """An image file with one labelled row of `per_class` images per name (greyscale or RGB)."""
     grid = make_grid((images + 1) / 2, nrow=per_class, padding=2, pad_value=1.0)
-    pixels = (grid[0] * 255).round().byte().cpu().numpy()
+    rgb = images.shape[1] == 3
+    grid = (grid * 255).round().byte().cpu()
+    pixels = grid.permute(1, 2, 0).numpy() if rgb else grid[0].numpy()  # make_grid: 1 -> 3
     tile = images.shape[-1] + 2
-    canvas = Image.new("L", (pixels.shape[1] + LABEL_WIDTH, pixels.shape[0]), color=255)
+    canvas = Image.new("RGB" if rgb else "L", (pixels.shape[1] + LABEL_WIDTH, pixels.shape[0]),
+                       color="white")
     canvas.paste(Image.fromarray(pixels), (LABEL_WIDTH, 0))
     draw = ImageDraw.Draw(canvas)
-    for row, c in enumerate(classes):
-        draw.text((4, row * tile + tile // 2 - 5), CLASS_NAMES[c], fill=0)
+    for row, name in enumerate(row_names):
+        draw.text((4, row * tile + tile // 2 - 5), name[:14], fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path
@@ -103,14 +114,25 @@ def find_checkpoint(run_dir: Path, ckpt_path: Path | None) -> tuple[Path, dict]:
     return found
 
 
+class Run(NamedTuple):
+    """A trained run, as a checkpoint holds it."""
+
+    cfg: Config
+    denoiser: ConditionalDenoiser
+    diffusion: Diffusion
+    step: int
+    class_names: tuple[str, ...]
+
+
 def load_run(run_dir: Path, ckpt_path: Path | None, use_ema: bool | None, device: torch.device
-             ) -> tuple[Config, ConditionalDenoiser, Diffusion, int]:
-    """Config, denoiser (EMA or raw weights; None: the run's sample.use_ema), diffusion and step
-    of a run's checkpoint."""
+             ) -> Run:
+    """Config, denoiser (EMA or raw weights; None: the run's sample.use_ema), diffusion, step
+    and class names of a run's checkpoint."""
     _, state = find_checkpoint(run_dir, ckpt_path)
     cfg = from_dict(state["config"])
     diffusion = Diffusion(cfg.diffusion)
     denoiser = build_denoiser(cfg.model, diffusion.num_timesteps)
     ema = cfg.sample.use_ema if use_ema is None else use_ema
     denoiser.load_state_dict(state["ema"] if ema else state["model"])
-    return cfg, denoiser.to(device).eval(), diffusion, int(state["step"])
+    names = tuple(state["data"].get("class_names", CLASS_NAMES))
+    return Run(cfg, denoiser.to(device).eval(), diffusion, int(state["step"]), names)

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from ddp_diffusion import checkpoint, config, distributed, rundir
 from ddp_diffusion.checkpoint import CheckpointManager, ResumePlan
 from ddp_diffusion.config import Config, TrainConfig
-from ddp_diffusion.data import Batch, InMemoryData, check_batch, load_split
+from ddp_diffusion.data import Batch, check_batch, make_loader
 from ddp_diffusion.diffusion import Diffusion
 from ddp_diffusion.distributed import DistEnv
 from ddp_diffusion.ema import EMA, ema_beta
@@ -39,6 +39,7 @@ from ddp_diffusion.errors import EXIT_OK, EXIT_PREEMPTED, TrainingDiverged, User
 from ddp_diffusion.model import build_denoiser, count_parameters, forward_gflops
 from ddp_diffusion.precision import autocast, bf16_is_fast, resolve_precision
 from ddp_diffusion.sample import generate, save_grid
+from ddp_diffusion.sources import open_source
 from ddp_diffusion.tracking import Tracker, new_run_id
 
 log = logging.getLogger("ddp_diffusion")
@@ -260,14 +261,11 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest,
                     env.device.type)
     out_dir = Path(cfg.out_dir)
 
-    # Data first (fails fast): the whole training set lives on the device, and the batches
-    # are deterministic per step.
-    images, labels = load_split(cfg.data.root, train=True, debian_dir=cfg.data.debian_dir,
-                                download=cfg.data.download)
-    if int(labels.max()) >= cfg.model.num_classes:
-        raise UserError(f"model.num_classes={cfg.model.num_classes} but the data has labels up "
-                        f"to {int(labels.max())}; set model.num_classes={int(labels.max()) + 1}")
-    data = InMemoryData(images, labels, tc.batch_size, cfg.seed, env.device, cfg.model.image_size)
+    # Data first (fails fast, every image file checked): it decides the model's input channels
+    # and number of classes.
+    source = open_source(cfg.data, cfg.model.image_size, cfg.data.num_workers)
+    cfg = dataclasses.replace(cfg, model=config.with_data_shape(
+        cfg.model, len(source.class_names), source.channels))
 
     # Rank 0 takes the run directory and picks the checkpoint; every rank then loads that one.
     prepared = distributed.run_on_main(env.is_main, functools.partial(prepare_run_dir, cfg, lock))
@@ -289,7 +287,8 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest,
     model = build_denoiser(cfg.model, diffusion.num_timesteps).to(env.device)
     log.info("model %s: %.2fM parameters, %.3f GFLOP forward per image; world size %d (%s, %s)",
              cfg.model.name, count_parameters(model) / 1e6,
-             forward_gflops(model, cfg.model.image_size), env.world_size, env.device, precision)
+             forward_gflops(model, cfg.model.image_size, source.channels), env.world_size,
+             env.device, precision)
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = EMA(model)
@@ -300,7 +299,7 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest,
     progress = Progress(run_id=run_id)
     ckpt = CheckpointManager(out_dir / rundir.CHECKPOINTS, {
         "model": model, "ema": ema, "optimizer": OptimizerState(opt),
-        "grad_scaler": ScalerState(scaler), "data": data, "progress": progress,
+        "grad_scaler": ScalerState(scaler), "data": source, "progress": progress,
     }, tc.keep_last, tc.milestone_every)
     if state is not None:
         ckpt.restore(state, resume_path)
@@ -308,6 +307,8 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest,
         del state, plan
     if tracker.wandb_dir:
         log.info("W&B run %s (%s) in %s", progress.run_id, cfg.tracking.wandb, tracker.wandb_dir)
+    loader = make_loader(source, cfg, env.rank, env.world_size, env.device, progress.step,
+                         diffusion.num_timesteps)
 
     # What the step calls: the model, inside DDP when distributed, compiled when asked.
     train_model: nn.Module = model
@@ -350,12 +351,12 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest,
         grid_due = tc.sample_every and (step % tc.sample_every == 0 or step == tc.max_steps)
         fid_due = cfg.fid.every and (step % cfg.fid.every == 0 or step == tc.max_steps)
         if grid_due and env.is_main:
-            classes = list(range(cfg.model.num_classes))
-            labels_ = torch.arange(len(classes), device=env.device).repeat_interleave(s.per_class)
-            imgs = generate(ema.module if s.use_ema else model, diffusion, labels_, s.sampler,
+            names = source.class_names
+            labels = torch.arange(len(names), device=env.device).repeat_interleave(s.per_class)
+            imgs = generate(ema.module if s.use_ema else model, diffusion, labels, s.sampler,
                             s.steps, s.guidance, seed=cfg.seed, eta=s.eta, precision=precision,
-                            image_size=cfg.model.image_size)
-            path = save_grid(imgs, classes, s.per_class,
+                            image_size=cfg.model.image_size, channels=source.channels)
+            path = save_grid(imgs, names, s.per_class,
                              out_dir / "samples" / f"step-{step:08d}.png")
             tracker.log_image(step, "samples", path)
         if fid_due:
@@ -387,8 +388,7 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest,
             step = progress.step
             for group in opt.param_groups:
                 group["lr"] = learning_rate(tc, step)
-            batches = data.micro_batches(step, env.rank, env.world_size, tc.grad_accum,
-                                         diffusion.num_timesteps, cfg.diffusion.cfg_dropout)
+            batches = loader.micro_batches(step)
             loss, grad_norm = train_step(train_model, no_sync, diffusion, batches, opt, scaler,
                                          tc, precision)
             # One tiny CPU collective per step: did any rank get a stop signal, run out of time,

@@ -155,3 +155,29 @@ def wait_for_step(metrics: Path, step: int, proc: subprocess.Popen, timeout: flo
             pass
         time.sleep(0.05)
     raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+def write_image(path: Path, seed: int, size: tuple[int, int] = (40, 36), mode: str = "RGB"
+                ) -> Path:
+    """A small image file of random blobs (format from the suffix: .png, .jpg, .webp, ...)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    channels = 3 if mode == "RGB" else 1
+    pixels = rng.integers(0, 256, size=(size[1] // 4, size[0] // 4, channels), dtype=np.uint8)
+    pixels = np.kron(pixels, np.ones((4, 4, 1), dtype=np.uint8))  # 4x4 blocks survive JPEG
+    image = Image.fromarray(pixels[:, :, 0] if channels == 1 else pixels, mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+def make_image_folder(root: Path, per_class: int = 12, classes: tuple[str, ...] = ("cat", "dog")
+                      ) -> Path:
+    """One subfolder per class of mixed PNG, JPEG and WebP files, RGB with a greyscale one."""
+    suffixes = (".png", ".jpg", ".webp")
+    for c, name in enumerate(classes):
+        for i in range(per_class):
+            write_image(root / name / f"{i:03d}{suffixes[i % 3]}", seed=100 * c + i,
+                        mode="L" if i == 1 else "RGB")
+    return root

@@ -30,7 +30,7 @@ def test_train_throughput_quick_emits_json(tiny_data: Path, tmp_path: Path) -> N
     names = [v["variant"] for v in result["variants"]]
     assert names == ["codealong", "ours fp32"]
     # Both run the code-along's network: ~3x its forward FLOPs per training image.
-    seed = ModelConfig(name="seed_unet")
+    seed = ModelConfig(name="seed_unet", num_classes=10, in_channels=1)
     fwd = forward_gflops(build_denoiser(seed, 1000), seed.image_size)
     for v in result["variants"]:
         assert v["steps_timed"] == 2 and v["batch_size"] == 8
@@ -53,7 +53,7 @@ def test_codealong_run_loads_as_our_denoiser_with_identical_outputs(tiny_data: P
     ref = CodeAlong(str(tiny_data), torch.device("cpu"), batch_size=8, num_workers=0)
     assert torch.isfinite(torch.tensor(ref.step()))
     ref.save_run(tmp_path / "ref", step=1)
-    cfg, denoiser, _, step = load_run(tmp_path / "ref", None, True, torch.device("cpu"))
+    cfg, denoiser, _, step, _ = load_run(tmp_path / "ref", None, True, torch.device("cpu"))
     assert step == 1 and cfg.model.name == "seed_unet"
 
     xt, t, y = torch.randn(4, 1, 32, 32), torch.tensor([0, 10, 500, 999]), torch.arange(4)
@@ -83,7 +83,7 @@ def test_fid_at_budget_pack_keeps_config_step_and_ema_weights(tiny_data: Path,
         assert small["step"] == step and small["config"] == full["config"]
         assert all(v.dtype == torch.float16 for v in small["ema"].values() if v.is_floating_point())
         assert path.stat().st_size < 0.6 * full_size(runs / name)
-        _, denoiser, _, _ = load_run(packed / name, None, True, torch.device("cpu"))
+        denoiser = load_run(packed / name, None, True, torch.device("cpu")).denoiser
         for k, v in denoiser.state_dict().items():
             torch.testing.assert_close(v, full["ema"][k].float(), rtol=1e-3, atol=1e-4)
 

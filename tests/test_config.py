@@ -72,7 +72,7 @@ def test_shipped_configs_set_only_real_keys_and_build_their_model(path: Path) ->
     cfg = config.load(path)  # unknown keys and out-of-range values would raise here
     loaded = config.flatten(config.to_dict(cfg))
     assert {k: loaded[k] for k in raw} == raw  # every value in the file is the one in effect
-    model = build_denoiser(cfg.model, cfg.diffusion.steps)
+    model = build_denoiser(config.with_data_shape(cfg.model, 10, 1), cfg.diffusion.steps)
     x = torch.zeros(2, 1, cfg.model.image_size, cfg.model.image_size)
     with torch.no_grad():
         out = model(x, torch.tensor([0, cfg.diffusion.steps - 1]), torch.tensor([0, 9]),

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 
 from ddp_diffusion.config import DiffusionConfig, ModelConfig
-from ddp_diffusion.data import InMemoryData
+from ddp_diffusion.data import MemoryLoader, StepPlan
 from ddp_diffusion.diffusion import Diffusion
 from ddp_diffusion.model import build_denoiser
 from ddp_diffusion.sample import generate
 
 TINY_MODEL = ModelConfig(channels=16, channel_mult=[1, 2], num_res_blocks=1,
-                         attention_resolutions=[])
+                         attention_resolutions=[], num_classes=10, in_channels=1)
 
 
 def _denoiser(steps: int = 100, randomize: bool = False) -> torch.nn.Module:
@@ -30,9 +30,10 @@ def _denoiser(steps: int = 100, randomize: bool = False) -> torch.nn.Module:
 
 def test_label_dropout_fraction_in_training_and_none_in_eval() -> None:
     n = 20000
-    images = torch.zeros(n, 28, 28, dtype=torch.uint8)
-    data = InMemoryData(images, torch.arange(n) % 10, n, seed=3, device=torch.device("cpu"))
-    batch = data.global_batch(0, num_timesteps=1000, cfg_dropout=0.1)
+    images = torch.zeros(n, 1, 4, 4, dtype=torch.uint8)
+    plan = StepPlan(n, n, seed=3, device=torch.device("cpu"))
+    (batch,) = MemoryLoader(images, torch.arange(n) % 10, plan, 0, 1, 1, 1000,
+                            0.1).micro_batches(0)
     assert abs(batch.drop.float().mean().item() - 0.1) < 0.01  # 20000 draws: sd 0.002
 
     denoiser = _denoiser()

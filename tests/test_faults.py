@@ -321,8 +321,8 @@ def test_a_run_resumes_on_another_world_size(tiny_data: Path, tmp_path: Path, be
     (["model.name=seed_unet", "model.channels=8"],
      "model.channels has no effect with model.name=seed_unet (the code-along's fixed U-Net); "
      "remove it, or use model.name=unet"),
-    (["model.num_classes=5"], "model.num_classes=5 but the data has labels up to 9; set "
-                              "model.num_classes=10"),
+    (["model.num_classes=5"], "model.num_classes=5 but the data has 10; remove "
+                              "model.num_classes (it comes from the data)"),
     (["train.resume=/nonexistent/ckpt.pt"], "train.resume=/nonexistent/ckpt.pt: no such "
                                             "checkpoint file (use auto, never, or the path of a "
                                             "ckpt-*.pt file)"),
@@ -383,7 +383,7 @@ def trained(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     (["--steps", "5000"], "--steps=5000 must be in 1..100 (diffusion.steps=100)"),
     (["--per-class", "-1"], "--per-class=-1 must be >= 1"),
     (["--classes", ","], "--classes ',' names no class; use all, or names or indices such as "
-                         "sneaker,bag or 7,8"),
+                         "t-shirt,pants or 0,1"),
     (["--classes", "²"], "unknown class '²'; use one of: all, t-shirt, pants, sweater, dress, "
                          "coat, sandal, shirt, sneaker, purse, boot (or 0..9)"),
     (["--guidance", "nan"], "--guidance=nan must be a finite number"),

@@ -26,8 +26,8 @@ from scipy import linalg
 
 from ddp_diffusion import classifier, fid
 from ddp_diffusion.classifier import accuracy, card, load_classifier, to_uint8
-from ddp_diffusion.data import load_split
 from ddp_diffusion.errors import UserError
+from ddp_diffusion.sources import load_split
 
 FID_ARGS = ["--num-samples", "40", "--batch-size", "8", "--sampler", "ddim", "--steps", "5",
             "--guidance", "2.0", "--reference", "train"]

@@ -32,14 +32,15 @@ def seed_unet_params_from_spec(time_steps: int = 1000, time_dim: int = 32, cond:
 
 def test_seed_unet_parameter_count_matches_spec() -> None:
     assert count_parameters(SeedUNet()) == seed_unet_params_from_spec() == 13_604_866
-    denoiser = build_denoiser(ModelConfig(name="seed_unet"), 1000)
+    denoiser = build_denoiser(ModelConfig(name="seed_unet", num_classes=10, in_channels=1), 1000)
     # + the class embedding nn.Embedding(10, 32) and CFGuidance's learned null embedding (1, 32)
     assert count_parameters(denoiser) == 13_604_866 + 10 * 32 + 32
 
 
 @pytest.mark.parametrize("name", ["seed_unet", "unet"])
 def test_output_shapes(name: str) -> None:
-    cfg = ModelConfig(name=name, channels=16, channel_mult=[1, 2], num_res_blocks=1)
+    cfg = ModelConfig(name=name, channels=16, channel_mult=[1, 2], num_res_blocks=1,
+                      num_classes=10, in_channels=1)
     denoiser = build_denoiser(cfg, 1000)
     x = torch.randn(3, 1, 32, 32)
     out = denoiser(x, torch.tensor([0, 500, 999]), torch.tensor([0, 5, 9]))
@@ -49,7 +50,7 @@ def test_output_shapes(name: str) -> None:
 
 def test_unet_conditions_on_class_and_time() -> None:
     torch.manual_seed(0)
-    net = UNet(ModelConfig(channels=16, channel_mult=[1, 2], num_res_blocks=1))
+    net = UNet(ModelConfig(channels=16, channel_mult=[1, 2], num_res_blocks=1, in_channels=1))
     for p in net.parameters():  # leave zero-init: random weights everywhere to see the inputs
         torch.nn.init.normal_(p, std=0.1)
     x = torch.randn(1, 1, 32, 32)
@@ -62,9 +63,10 @@ def test_unet_conditions_on_class_and_time() -> None:
 
 def test_forward_gflops() -> None:
     # The code-along's U-Net: ~7.7 GFLOP per 32x32 image forward (2 FLOPs per multiply-add).
-    assert forward_gflops(build_denoiser(ModelConfig(name="seed_unet"), 1000), 32) == \
-        pytest.approx(7.746, rel=1e-3)
-    small = build_denoiser(ModelConfig(channels=16, channel_mult=[1, 2], num_res_blocks=1), 1000)
+    seed = ModelConfig(name="seed_unet", num_classes=10, in_channels=1)
+    assert forward_gflops(build_denoiser(seed, 1000), 32) == pytest.approx(7.746, rel=1e-3)
+    small = build_denoiser(ModelConfig(channels=16, channel_mult=[1, 2], num_res_blocks=1,
+                                       num_classes=10, in_channels=1), 1000)
     assert 0 < forward_gflops(small, 32) < 0.2
 
 

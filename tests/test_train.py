@@ -24,6 +24,7 @@ def test_train_step_overfits_one_batch() -> None:
     torch.manual_seed(0)
     diffusion = Diffusion(DiffusionConfig(steps=100, loss="mse"))
     denoiser = build_denoiser(ModelConfig(channels=16, channel_mult=[1, 2], num_res_blocks=1,
+                                          num_classes=10, in_channels=1,
                                           attention_resolutions=[]), 100)
     opt = torch.optim.AdamW(denoiser.parameters(), lr=3e-3)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
