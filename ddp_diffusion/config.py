@@ -363,6 +363,20 @@ def check_fid(f: FidConfig, diffusion_steps: int, prefix: str = "fid.") -> None:
     check_at_least(_name(prefix, "batch_size"), f.batch_size, 1)
 
 
+def has_fashion_classifier(cfg: Config) -> bool:
+    """Whether the shipped classifier (FID features 'fashion', class accuracy) fits the run's
+    data: Fashion-MNIST, by class, at 32x32."""
+    return (cfg.data.dataset == "fashion_mnist" and cfg.data.class_conditional
+            and cfg.model.image_size == 32)
+
+
+def check_features(cfg: Config, features: str, name: str) -> None:
+    """FID features 'fashion' only for data the Fashion-MNIST classifier fits."""
+    check(features != "fashion" or has_fashion_classifier(cfg),
+          f"{name}=fashion uses a Fashion-MNIST classifier (32x32, by class); for "
+          f"{cfg.data.dataset} use {name}=inception")
+
+
 def unet_resolutions(m: ModelConfig) -> list[int]:
     """The feature-map sizes of the UNet's levels, from image_size down."""
     return [m.image_size // 2**i for i in range(len(m.channel_mult))]
@@ -457,4 +471,6 @@ def validate(cfg: Config) -> None:
     check_sample(cfg.sample, cfg.diffusion.steps)
     check_fid(cfg.fid, cfg.diffusion.steps)
     check_at_least("fid.every", cfg.fid.every, 0)
+    if cfg.fid.every:
+        check_features(cfg, cfg.fid.features, "fid.features")
     check(bool(cfg.out_dir.strip()), "out_dir must not be empty")

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from ddp_diffusion.config import Config
 from ddp_diffusion.errors import UserError
-from ddp_diffusion.sources import Reader, Source
+from ddp_diffusion.sources import Reader, Source, collate
 
 log = logging.getLogger("ddp_diffusion")
 
@@ -157,12 +157,6 @@ class MemoryLoader(_Loader):
         return self.assemble(step, self.images[idx], self.labels[idx])
 
 
-def _collate(items: list[Tensor | str]) -> Tensor | str:
-    """Stack a step's images, or pass on the first one-line error of a worker."""
-    errors = [item for item in items if isinstance(item, str)]
-    return errors[0] if errors else torch.stack(items)
-
-
 class StreamLoader(_Loader):
     """This rank's images of each step, read by DataLoader workers from `start_step` on."""
 
@@ -174,7 +168,7 @@ class StreamLoader(_Loader):
         self.labels = source.labels
         self.next_step = start_step
         loader = DataLoader(Reader(source), batch_sampler=_Steps(self, start_step, max_steps),
-                            num_workers=num_workers, collate_fn=_collate,
+                            num_workers=num_workers, collate_fn=collate,
                             pin_memory=plan.device.type == "cuda",
                             prefetch_factor=4 if num_workers else None)
         self._batches = iter(loader)

@@ -27,12 +27,19 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 
 from ddp_diffusion import checkpoint, distributed
 from ddp_diffusion.classifier import FashionClassifier, load_classifier, to_uint8
-from ddp_diffusion.config import Config, FidConfig, check_fid
+from ddp_diffusion.config import (
+    Config,
+    DataConfig,
+    FidConfig,
+    check_features,
+    check_fid,
+    has_fashion_classifier,
+)
 from ddp_diffusion.data import derive_seed
 from ddp_diffusion.diffusion import ConditionalDenoiser, Diffusion
 from ddp_diffusion.errors import UserError
 from ddp_diffusion.sample import generate
-from ddp_diffusion.sources import load_split
+from ddp_diffusion.sources import open_source
 
 log = logging.getLogger("ddp_diffusion")
 
@@ -145,17 +152,16 @@ class Reference:
         return int(self.states["real_features_num_samples"])
 
 
-def reference_stats(extractor: nn.Module, split: str, data_root: str | Path,
-                    debian_dir: str | Path = "", download: bool = False,
+def reference_stats(extractor: nn.Module, data: DataConfig, split: str, image_size: int,
                     batch_size: int = 500) -> Reference:
-    """Real statistics of a split, cached under DATA_ROOT/fid_reference/ by data and extractor."""
+    """Real statistics of the run's data (a split of a torchvision set, or the image folder) at
+    the model's size, cached under data.root/fid_reference/ by data, size and extractor."""
     if split not in ("train", "test"):
         raise UserError(f"unknown FID reference {split!r}; use train or test")
-    images, _ = load_split(data_root, train=split == "train", debian_dir=debian_dir,
-                           download=download)
-    key = hashlib.sha256(f"{split}:{checksum(extractor)}:".encode()
-                         + hashlib.sha256(images.numpy().tobytes()).digest()).hexdigest()
-    path = Path(data_root) / "fid_reference" / f"{split}-{key[:24]}.pt"
+    source = open_source(data, image_size, data.num_workers, train=split == "train")
+    key = hashlib.sha256(f"{source.dataset}:{split}:{source.fingerprint}:{image_size}:"
+                         f"{checksum(extractor)}".encode()).hexdigest()
+    path = Path(data.root) / "fid_reference" / f"{source.dataset}-{split}-{key[:24]}.pt"
     if path.is_file():
         try:
             states = torch.load(path, map_location="cpu", weights_only=True)
@@ -163,13 +169,13 @@ def reference_stats(extractor: nn.Module, split: str, data_root: str | Path,
         except (pickle.UnpicklingError, RuntimeError, EOFError):
             log.warning("FID reference cache %s is unreadable; recomputing it", path)
     metric = new_metric(extractor)
-    device = metric.device
     with torch.no_grad():
-        for i in range(0, len(images), batch_size):
-            metric.update(to_uint8(images[i:i + batch_size]).to(device), real=True)
+        for images in source.batches(batch_size, data.num_workers):
+            metric.update(images.to(metric.device), real=True)
     states = {k: getattr(metric, k).cpu() for k in REAL_STATES}
     checkpoint.write_atomic(states, path)  # concurrent runs never read half a file
-    log.info("FID reference statistics of %d %s images cached in %s", len(images), split, path)
+    log.info("FID reference statistics of %d %s %s images cached in %s", len(source),
+             source.dataset, split, path)
     return Reference(states, path, cached=False)
 
 
@@ -187,19 +193,23 @@ def chunk_labels(chunk: int, batch_size: int, num_samples: int, num_classes: int
 
 def evaluate(denoiser: ConditionalDenoiser, diffusion: Diffusion, cfg: Config, fc: FidConfig,
              seed: int, precision: str = "fp32") -> dict[str, Any]:
-    """FID and class accuracy of fc.num_samples generated images; call it on every rank."""
+    """FID (and, for Fashion-MNIST, class accuracy) of fc.num_samples generated images against
+    the run's own data; call it on every rank."""
     check_fid(fc, diffusion.num_timesteps)
+    fashion = has_fashion_classifier(cfg)
+    check_features(cfg, fc.features, "--features")
     start = time.perf_counter()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = next(denoiser.parameters()).device
     extractor = build_extractor(fc.features, fc.inception_weights).to(device)
-    classifier = (extractor.classifier if isinstance(extractor, FashionFeatures)
-                  else load_classifier().to(device))
+    classifier = None  # class accuracy is measured where a classifier exists, never faked
+    if fashion:
+        classifier = (extractor.classifier if isinstance(extractor, FashionFeatures)
+                      else load_classifier().to(device))
     metric = new_metric(extractor)
     ref = None
     if rank == 0:
-        ref = reference_stats(extractor, fc.reference, cfg.data.root, cfg.data.debian_dir,
-                              cfg.data.download)
+        ref = reference_stats(extractor, cfg.data, fc.reference, cfg.model.image_size)
         set_reference(metric, ref.states)
 
     t0 = time.perf_counter()
@@ -210,21 +220,25 @@ def evaluate(denoiser: ConditionalDenoiser, diffusion: Diffusion, cfg: Config, f
         labels = labels.to(device)
         images = generate(denoiser, diffusion, labels, fc.sampler, fc.steps, fc.guidance,
                           seed=derive_seed(seed, "fid", chunk), eta=cfg.sample.eta,
-                          precision=precision, image_size=cfg.model.image_size)
+                          precision=precision, image_size=cfg.model.image_size,
+                          channels=cfg.model.in_channels)
         pixels = to_uint8(images)
         digests[chunk] = hashlib.sha256(pixels.cpu().numpy().tobytes()).hexdigest()
         with torch.no_grad():
             metric.update(pixels, real=False)
-            counts += torch.stack([(classifier(pixels).argmax(1) == labels).sum().double(),
-                                   torch.tensor(len(labels), dtype=torch.float64, device=device)])
+            if classifier is not None:
+                counts += torch.stack([(classifier(pixels).argmax(1) == labels).sum().double(),
+                                       torch.tensor(len(labels), dtype=torch.float64,
+                                                    device=device)])
     counts = distributed.mean_across_ranks(counts)  # all ranks finished generating here
     gen_s = time.perf_counter() - t0
     fid = float(metric.compute())  # a collective: sums the statistics over ranks
     all_digests = {k: v for d in distributed.all_gather_objects(digests) for k, v in d.items()}
     joined = "".join(all_digests[c] for c in sorted(all_digests))
     return {
-        "fid": fid, "class_accuracy": float(counts[0] / counts[1]),
+        "fid": fid, **({"class_accuracy": float(counts[0] / counts[1])} if classifier else {}),
         "num_samples": fc.num_samples, "features": fc.features, "reference": fc.reference,
+        "dataset": cfg.data.dataset,
         "reference_samples": ref.num_samples if ref else None,
         "reference_cached": ref.cached if ref else None,
         "sampler": fc.sampler, "steps": fc.steps, "guidance": fc.guidance,

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import CIFAR10, MNIST, FashionMNIST
 
 from ddp_diffusion.config import DataConfig
@@ -170,9 +171,13 @@ class Source:
         """Image i: uint8 (C, S, S)."""
         raise NotImplementedError
 
+    def batches(self, batch_size: int, num_workers: int) -> Iterator[Tensor]:
+        """Every image in order, `batch_size` at a time: uint8 (b, C, S, S)."""
+        raise NotImplementedError
+
     def read_all(self, num_workers: int) -> Tensor:
         """Every image: uint8 (N, C, S, S)."""
-        raise NotImplementedError
+        return torch.cat(list(self.batches(4096, num_workers)))
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint records of the data, to refuse resuming on other data."""
@@ -212,8 +217,10 @@ class ArraySource(Source):
     def read(self, i: int) -> Tensor:
         return fit(self.images[i], self.image_size)
 
-    def read_all(self, num_workers: int) -> Tensor:
-        return fit(self.images, self.image_size)
+    def batches(self, batch_size: int, num_workers: int) -> Iterator[Tensor]:
+        """In memory already: no workers needed."""
+        for i in range(0, len(self), batch_size):
+            yield fit(self.images[i:i + batch_size], self.image_size)
 
 
 class FolderSource(Source):
@@ -228,26 +235,30 @@ class FolderSource(Source):
     def read(self, i: int) -> Tensor:
         return decode(self.files[i], self.channels, self.image_size)
 
-    def read_all(self, num_workers: int) -> Tensor:
-        return torch.stack(decode_all(self, num_workers))
+    def batches(self, batch_size: int, num_workers: int) -> Iterator[Tensor]:
+        """Decoded in DataLoader workers."""
+        return read_batches(self, batch_size, num_workers)
 
 
-def decode_all(source: Source, num_workers: int, keep: bool = True) -> list[Tensor]:
-    """Read every image of a source in DataLoader workers, in order (keep=False: only check)."""
-    from torch.utils.data import DataLoader
-
-    loader = DataLoader(Reader(source, keep), batch_size=64, num_workers=num_workers,
-                        collate_fn=list)
-    out: list[Tensor] = []
-    for chunk in loader:
-        for item in chunk:
-            if isinstance(item, str):
-                raise UserError(item)
-            out.append(item)
-    return out
+def collate(items: list[Tensor | str]) -> Tensor | str:
+    """Stack images read by workers, or pass on the first one-line error among them."""
+    errors = [item for item in items if isinstance(item, str)]
+    return errors[0] if errors else torch.stack(items)
 
 
-class Reader(torch.utils.data.Dataset):
+def read_batches(source: Source, batch_size: int, num_workers: int, keep: bool = True
+                 ) -> Iterator[Tensor]:
+    """Every image of a source in order, in batches read by DataLoader workers; a bad file
+    raises its one line (keep=False: decode only, to check every file)."""
+    loader = DataLoader(Reader(source, keep), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=collate)
+    for batch in loader:
+        if isinstance(batch, str):
+            raise UserError(batch)
+        yield batch
+
+
+class Reader(Dataset):
     """Image i of a source, or its one-line error (raised by the main process, so the user sees
     the line, not a worker's traceback)."""
 
@@ -329,7 +340,8 @@ def open_folder(dc: DataConfig, image_size: int, num_workers: int) -> FolderSour
         channels = dc.channels or _channels_of(files)
         source = FolderSource(files, labels, names, channels, image_size, path, fingerprint)
         log.info("checking the %d images of %s (once; cached in %s)", len(files), path, cache)
-        decode_all(source, num_workers, keep=False)
+        for _ in read_batches(source, 256, num_workers, keep=False):
+            pass
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}")
         tmp.write_text(json.dumps({"path": str(path), "num_images": len(files),

@@ -363,7 +363,7 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest,
             from ddp_diffusion.fid import evaluate  # all ranks: compute() is a collective
 
             fid = evaluate(ema.module, diffusion, cfg, cfg.fid, cfg.seed, precision)
-            tracker.log(step, {k: fid[k] for k in ("fid", "class_accuracy")})
+            tracker.log(step, {k: fid[k] for k in ("fid", "class_accuracy") if k in fid})
         return bool(grid_due or fid_due)
 
     def stopped(step: int, saved: bool) -> int:

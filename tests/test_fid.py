@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from conftest import (
     TINY,
     cli_env,
     make_dataset,
+    make_image_folder,
     run_cli,
     run_torchrun,
     synthetic_split,
@@ -26,6 +28,7 @@ from scipy import linalg
 
 from ddp_diffusion import classifier, fid
 from ddp_diffusion.classifier import accuracy, card, load_classifier, to_uint8
+from ddp_diffusion.config import DataConfig
 from ddp_diffusion.errors import UserError
 from ddp_diffusion.sources import load_split
 
@@ -69,7 +72,7 @@ def _fid(extractor: torch.nn.Module, states: dict[str, torch.Tensor], fake: torc
 
 def test_real_vs_real_is_small_and_noise_vs_real_is_large(real_root: Path,
                                                           fashion: torch.nn.Module) -> None:
-    ref = fid.reference_stats(fashion, "test", real_root, DEBIAN_DIR)
+    ref = fid.reference_stats(fashion, DataConfig(root=str(real_root)), "test", 32)
     assert ref.num_samples == 10000
     train_images, _ = load_split(real_root, train=True)
     real = to_uint8(train_images[torch.randperm(60000, generator=torch.Generator().manual_seed(0))
@@ -105,22 +108,23 @@ def test_fid_equals_independent_scipy_computation(fashion: torch.nn.Module) -> N
 def test_reference_cache_is_reused_and_keyed_by_extractor(tmp_path: Path,
                                                           fashion: torch.nn.Module) -> None:
     root = make_dataset(tmp_path / "data", n_train=300, n_test=60)
-    first = fid.reference_stats(fashion, "train", root)
+    data = DataConfig(root=str(root))
+    first = fid.reference_stats(fashion, data, "train", 32)
     assert not first.cached and first.path.is_file() and first.num_samples == 300
     mtime = first.path.stat().st_mtime_ns
-    again = fid.reference_stats(fashion, "train", root)
+    again = fid.reference_stats(fashion, data, "train", 32)
     assert again.cached and again.path == first.path
     assert first.path.stat().st_mtime_ns == mtime  # not rewritten
     for k, v in first.states.items():
         assert torch.equal(again.states[k], v), k
-    test_split = fid.reference_stats(fashion, "test", root)
+    test_split = fid.reference_stats(fashion, data, "test", 32)
     assert not test_split.cached and test_split.num_samples == 60
 
     changed = copy.deepcopy(fashion)
     with torch.no_grad():
         changed.classifier.body[0].weight[0, 0, 0, 0] += 0.5
     assert fid.checksum(changed) != fid.checksum(fashion)
-    other = fid.reference_stats(changed, "train", root)
+    other = fid.reference_stats(changed, data, "train", 32)
     assert not other.cached and other.path != first.path
     assert not torch.equal(other.states["real_features_sum"], first.states["real_features_sum"])
     assert sorted(p.name for p in (root / "fid_reference").iterdir()) == sorted(
@@ -269,3 +273,29 @@ def test_inception_features_load_a_local_state_dict(tmp_path: Path,
 
 class _Payload:
     """An arbitrary Python object: weights_only loading must refuse it."""
+
+
+def test_fid_of_an_image_folder_run_uses_inception_and_its_own_images(tmp_path: Path) -> None:
+    """Reference statistics come from the run's folder (cached), class accuracy is left out
+    (no classifier for this data), and the Fashion-MNIST features are refused."""
+    pets = make_image_folder(tmp_path / "pets", per_class=6)
+    data, out = tmp_path / "data", tmp_path / "run"
+    run_cli("train", *TINY, "data.dataset=image_folder", f"data.path={pets}",
+            f"data.root={data}", "data.num_workers=0", f"out_dir={out}", "train.max_steps=2",
+            "train.batch_size=4")
+    weights = tmp_path / "inception.pth"
+    torch.save(_random_inception_state_dict(), weights)
+    args = ["fid", "--run", str(out), "--features", "inception", "--inception-weights",
+            str(weights), "--num-samples", "6", "--batch-size", "3", "--steps", "2"]
+    first = json.loads(run_cli(*args, "--out", str(tmp_path / "a.json")).stdout)
+    assert first["dataset"] == "image_folder" and "class_accuracy" not in first
+    assert first["reference_samples"] == 12 and first["reference_cached"] is False
+    assert math.isfinite(first["fid"]) and first["fid"] > 0
+    again = json.loads(run_cli(*args).stdout)
+    assert again["reference_cached"] is True and again["fid"] == first["fid"]
+    (cache,) = (data / "fid_reference").iterdir()
+    assert cache.name.startswith("image_folder-train-")
+    refused = run_cli("fid", "--run", str(out), "--features", "fashion", check=False)
+    assert (refused.returncode, refused.stderr) == (2, (
+        "error: --features=fashion uses a Fashion-MNIST classifier (32x32, by class); for "
+        "image_folder use --features=inception\n"))
