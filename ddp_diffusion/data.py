@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -123,9 +124,15 @@ class _Loader:
     def __init__(self, plan: StepPlan, image_shape: tuple[int, ...], rank: int, world_size: int,
                  accum: int, num_timesteps: int, cfg_dropout: float) -> None:
         self.plan, self.image_shape = plan, image_shape
+        self.waited_s = 0.0  # time training spent waiting for this loader's images
         self.per_rank = plan.batch_size // world_size
         self.lo = rank * self.per_rank
         self.accum, self.num_timesteps, self.cfg_dropout = accum, num_timesteps, cfg_dropout
+
+    def take_wait(self) -> float:
+        """Seconds training waited for images since the last call."""
+        waited, self.waited_s = self.waited_s, 0.0
+        return waited
 
     def rank_indices(self, step: int) -> Tensor:
         return self.plan.indices(step)[self.lo:self.lo + self.per_rank]
@@ -177,7 +184,9 @@ class StreamLoader(_Loader):
         if step != self.next_step:
             raise RuntimeError(f"stream loader asked for step {step}, expected {self.next_step}")
         self.next_step += 1
+        t0 = time.perf_counter()
         pixels = next(self._batches)
+        self.waited_s += time.perf_counter() - t0
         if isinstance(pixels, str):  # a file went bad since the check: this step fails
             raise UserError(pixels)
         idx = self.rank_indices(step).cpu()

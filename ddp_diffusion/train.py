@@ -194,14 +194,16 @@ class LogWindow:
         self.sums += torch.stack([loss, grad_norm])
         self.steps += 1
 
-    def close(self, step: int, batch_size: int) -> dict[str, float]:
-        """Loss, grad norm (left out if no step was finite) and images/s; then start anew.
+    def close(self, step: int, batch_size: int, data_wait_s: float) -> dict[str, float]:
+        """Loss, grad norm (left out if no step was finite), images/s and the fraction of the
+        interval spent waiting for data (on this rank); then start anew.
 
         The only host sync of the loss: once per log interval, averaged over ranks."""
         loss, norm = distributed.mean_across_ranks(self.sums).tolist()
         now = time.perf_counter()
         out = {"loss": loss / self.steps, "grad_norm": norm / self.steps} if self.steps else {}
         out["images_per_s"] = batch_size * (step - self.since_step) / (now - self.since)
+        out["data_wait"] = data_wait_s / (now - self.since)
         self.sums.zero_()
         self.steps, self.since_step, self.since = 0, step, now
         return out
@@ -421,7 +423,7 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest,
                 profiler.step()
 
             if step % tc.log_every == 0 or step == tc.max_steps:
-                metrics = window.close(step, tc.batch_size) | {
+                metrics = window.close(step, tc.batch_size, loader.take_wait()) | {
                     "lr": opt.param_groups[0]["lr"],
                     "ema_beta": ema_beta(tc.batch_size, progress.images_seen,
                                          tc.ema_halflife_kimg, tc.ema_rampup_ratio),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -91,3 +92,23 @@ def test_fid_at_budget_pack_keeps_config_step_and_ema_weights(tiny_data: Path,
 def full_size(run: Path) -> int:
     """Bytes of a run's newest checkpoint."""
     return checkpoint.list_checkpoints(run / "checkpoints")[-1][1].stat().st_size
+
+
+def test_loader_benchmark_measures_delivery_training_and_waiting(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "bench/loader_throughput.py", "--images", "300",
+                           "--workers", "1", "--loader-steps", "2", "--train-steps", "2",
+                           "--train-batch", "4", "--work", str(tmp_path / "work"), "--out",
+                           str(tmp_path)], capture_output=True, text=True, cwd=REPO,
+                          env=cli_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "loader_throughput.json").read_text())
+    assert len(list((tmp_path / "work" / "jpegs-300").rglob("*.jpg"))) == 300
+    assert result["per_worker"] == result["loader_images_per_s"]["1"] > 0
+    for loader in ("memory", "stream"):
+        rate, wait = result["training"][loader]
+        assert rate > 0 and 0 <= wait < 1
+    assert result["training"]["memory"][1] == 0  # nothing to wait for: all on the device
+    assert result["workers_per_gpu"] == math.ceil(result["gpu_images_per_s"]
+                                                  / result["per_worker"])
+    assert result["model_gflop"] == pytest.approx(11.85, rel=0.01)  # image_folder.yaml's UNet
+    assert "| 1 | " in (tmp_path / "loader_throughput.md").read_text()

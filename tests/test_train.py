@@ -58,7 +58,8 @@ def test_short_run_writes_config_metrics_checkpoints_samples(tiny_data: Path,
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [5, 10, 15, 20]
     for r in records:
-        assert {"loss", "lr", "images_per_s", "grad_norm", "ema_beta"} <= r.keys()
+        assert {"loss", "lr", "images_per_s", "grad_norm", "ema_beta", "data_wait"} <= r.keys()
+        assert r["data_wait"] == 0.0  # the memory loader never makes training wait
         assert r["images_per_s"] > 0 and r["loss"] > 0
 
     ckpts = checkpoint.list_checkpoints(out / "checkpoints")
