@@ -210,12 +210,13 @@ class _Steps:
 
 
 def make_loader(source: Source, cfg: Config, rank: int, world_size: int, device: torch.device,
-                start_step: int, num_timesteps: int) -> MemoryLoader | StreamLoader:
-    """The configured loader of a source (auto: memory if the set fits MEMORY_LIMIT_BYTES)."""
+                start_step: int, num_timesteps: int,
+                memory_limit: int = MEMORY_LIMIT_BYTES) -> MemoryLoader | StreamLoader:
+    """The configured loader of a source (auto: memory if the set fits in `memory_limit`)."""
     dc, tc = cfg.data, cfg.train
     kind = dc.loader
     if kind == "auto":
-        kind = "memory" if source.nbytes <= MEMORY_LIMIT_BYTES else "stream"
+        kind = "memory" if source.nbytes <= memory_limit else "stream"
     plan = StepPlan(len(source), tc.batch_size, cfg.seed, device, dc.hflip)
     common = (rank, world_size, tc.grad_accum, num_timesteps, cfg.diffusion.cfg_dropout)
     log.info("data: %s, %d images (%d class(es), %d channel(s), %.0f MB at %dx%d), %s loader%s",

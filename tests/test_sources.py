@@ -30,15 +30,15 @@ from conftest import (
 from PIL import Image
 
 from ddp_diffusion import checkpoint
-from ddp_diffusion.config import DataConfig
-from ddp_diffusion.data import MemoryLoader, StepPlan, StreamLoader
+from ddp_diffusion.config import Config, DataConfig, TrainConfig
+from ddp_diffusion.data import MemoryLoader, StepPlan, StreamLoader, make_loader
 from ddp_diffusion.errors import UserError
 from ddp_diffusion.sources import decode, open_source
 
 
 def folder_config(path: Path, root: Path, **kw: object) -> DataConfig:
-    return DataConfig(dataset="image_folder", path=str(path), root=str(root), num_workers=2,
-                      **kw)
+    return DataConfig(**{"dataset": "image_folder", "path": str(path), "root": str(root),
+                         "num_workers": 2, **kw})
 
 
 def test_a_class_folder_gives_sorted_labels_rgb_channels_and_fitted_images(tmp_path: Path
@@ -143,6 +143,33 @@ def test_mnist_from_idx_files_and_a_missing_cifar10_is_one_line(tmp_path: Path) 
         open_source(DataConfig(dataset="cifar10", root=str(tmp_path)), 32)
     assert str(e.value) == (f"cifar10 not found in {tmp_path / 'cifar-10-batches-py'}: put the "
                             "CIFAR-10 python batches there, or set data.download=true to fetch it")
+
+
+def test_auto_holds_a_set_in_memory_up_to_the_limit_and_streams_a_larger_one(tmp_path: Path
+                                                                            ) -> None:
+    pets = make_image_folder(tmp_path / "pets", per_class=4)
+    source = open_source(folder_config(pets, tmp_path / "data"), 16, 0)
+    assert source.nbytes == 8 * 3 * 16 * 16
+    cfg = Config(data=folder_config(pets, tmp_path / "data", num_workers=0),
+                 train=TrainConfig(batch_size=4, max_steps=2))
+    chosen = [make_loader(source, cfg, 0, 1, torch.device("cpu"), 0, 100, memory_limit=limit)
+              for limit in (source.nbytes, source.nbytes - 1)]
+    assert [type(loader) for loader in chosen] == [MemoryLoader, StreamLoader]
+
+
+def test_an_offline_download_is_one_line_saying_where_the_files_go(tmp_path: Path) -> None:
+    from torchvision.datasets import MNIST
+
+    mirrors = MNIST.mirrors
+    MNIST.mirrors = ["http://127.0.0.1:9/"]  # nothing listens there: every download fails
+    try:
+        with pytest.raises(UserError) as e:
+            open_source(DataConfig(dataset="mnist", root=str(tmp_path), download=True), 32)
+    finally:
+        MNIST.mirrors = mirrors
+    assert str(e.value).startswith("could not download mnist (RuntimeError: ")
+    assert str(e.value).endswith(f"put its files in {tmp_path / 'MNIST' / 'raw'} yourself, or "
+                                 "try again where there is internet")
 
 
 @pytest.mark.parametrize("hflip", [False, True])
