@@ -97,6 +97,17 @@ def run_torchrun(nproc: int, *args: str, max_restarts: int = 0, check: bool = Tr
     return proc
 
 
+def launch(nproc: int, *args: str) -> subprocess.CompletedProcess:
+    """The trainer on `nproc` processes: one plain process, or torchrun."""
+    return run_torchrun(nproc, *args) if nproc > 1 else run_cli(*args)
+
+
+def max_weight_diff(a: Path, b: Path) -> float:
+    """The largest difference between the final weights of two runs."""
+    wa, wb = final_state(a)["model"], final_state(b)["model"]
+    return max((wa[k] - wb[k]).abs().max().item() for k in wa)
+
+
 def final_state(run_dir: Path) -> dict:
     """The newest checkpoint of a run, loaded the safe way."""
     from ddp_diffusion import checkpoint

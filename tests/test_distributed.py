@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, final_state, run_cli, run_torchrun
+from conftest import TINY, final_state, max_weight_diff, run_cli, run_torchrun
 
 from ddp_diffusion.config import from_dict
 from ddp_diffusion.model import build_denoiser
@@ -25,17 +25,12 @@ def _args(data: Path, out: Path, *extra: str) -> list[str]:
             "train.log_every=1", "model.dropout=0.2", *extra]
 
 
-def _max_weight_diff(a: Path, b: Path) -> float:
-    wa, wb = final_state(a)["model"], final_state(b)["model"]
-    return max((wa[k] - wb[k]).abs().max().item() for k in wa)
-
-
 @pytest.mark.slow
 def test_two_rank_ddp_matches_one_process(tiny_data: Path, tmp_path: Path) -> None:
     run_cli(*_args(tiny_data, tmp_path / "one"))
     proc = run_torchrun(2, *_args(tiny_data, tmp_path / "two"))
     assert "world size 2" in proc.stderr
-    diff = _max_weight_diff(tmp_path / "one", tmp_path / "two")
+    diff = max_weight_diff(tmp_path / "one", tmp_path / "two")
     assert diff < ATOL, diff
     # ... while training moved the weights far more than that from their initial values.
     state = final_state(tmp_path / "one")
@@ -51,7 +46,7 @@ def test_two_rank_ddp_matches_one_process(tiny_data: Path, tmp_path: Path) -> No
 def test_gradient_accumulation_equals_full_batch(tiny_data: Path, tmp_path: Path) -> None:
     run_cli(*_args(tiny_data, tmp_path / "full"))
     run_cli(*_args(tiny_data, tmp_path / "accum", "train.grad_accum=2"))
-    diff = _max_weight_diff(tmp_path / "full", tmp_path / "accum")
+    diff = max_weight_diff(tmp_path / "full", tmp_path / "accum")
     assert diff < ATOL, diff
     full, accum = final_state(tmp_path / "full"), final_state(tmp_path / "accum")
     assert full["progress"]["images_seen"] == accum["progress"]["images_seen"] == 6 * 16
