@@ -231,6 +231,11 @@ class FolderSource(Source):
         super().__init__("image_folder", torch.tensor(labels, dtype=torch.long), class_names,
                          channels, image_size, str(path), fingerprint)
         self.files = files
+        # Pillow imports its format plugins lazily, on the first file it cannot identify. Done
+        # in a loader worker, that import can fail inside importlib (a KeyError from its module
+        # locks, seen on Python 3.11) instead of giving our one line; so import them all here,
+        # before any worker is forked.
+        Image.init()
 
     def read(self, i: int) -> Tensor:
         return decode(self.files[i], self.channels, self.image_size)
