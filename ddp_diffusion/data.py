@@ -90,7 +90,8 @@ class StepPlan:
         self.device, self.hflip = device, hflip
         self.steps_per_epoch = num_images // batch_size  # drop the ragged tail of each epoch
         self._gen = torch.Generator(device=device)
-        self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+        self._perms: dict[int, Tensor] = {}  # the last two epochs' (the stream loader's sampler
+        # runs ahead of training, across an epoch boundary)
 
     def position(self, step: int) -> tuple[int, int]:
         """(epoch, batch index within the epoch) of a global step."""
@@ -99,11 +100,12 @@ class StepPlan:
     def indices(self, step: int) -> Tensor:
         """Indices into the set of the global batch of a step (on the plan's device)."""
         epoch, index = self.position(step)
-        if epoch != self._perm_epoch:
+        if epoch not in self._perms:
             self._gen.manual_seed(derive_seed(self.seed, "perm", epoch))
-            self._perm = torch.randperm(self.num_images, generator=self._gen, device=self.device)
-            self._perm_epoch = epoch
-        return self._perm[index * self.batch_size:(index + 1) * self.batch_size]
+            self._perms[epoch] = torch.randperm(self.num_images, generator=self._gen,
+                                                device=self.device)
+            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
+        return self._perms[epoch][index * self.batch_size:(index + 1) * self.batch_size]
 
     def draws(self, step: int, image_shape: tuple[int, ...], num_timesteps: int,
               cfg_dropout: float) -> Draws:
