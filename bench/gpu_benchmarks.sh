@@ -31,4 +31,7 @@ echo "== torch.compile [$SECONDS s]"
 timeout "$(left 120)" $py bench/train_throughput.py --data-root "$data" --out "$out/compile" \
   --rounds 1 --warmup 10 --steps 15 \
   --variants "ours bf16 channels_last,ours bf16 channels_last compile"
+echo "== host sync cadence: images/s vs train.sync_every, recommended UNet [$SECONDS s]"
+timeout "$(left 150)" $py bench/sync_every.py --data-root "$data" --out "$out" --rounds 2 \
+  --values 1,2,5,10,50 --steps 300 --log-every 50 --set train.compile=false
 echo "== done [$SECONDS s]"

@@ -82,6 +82,8 @@ class TrainConfig:
     resume: str = "auto"  # auto | never | PATH to a checkpoint
     lock_wait_s: float = 300.0  # a requeued job waits this long for its predecessor's lock
     max_nonfinite: int = 5  # abort after this many non-finite losses in a row
+    sync_every: int = 10  # the host waits for the device (stop agreement, non-finite report)
+    peak_tflops: float = 0.0  # per device, for the logged fraction of peak; 0 = GPU table
     num_threads: int = 0  # CPU threads per rank; 0 = cores / local ranks
     profile_steps: int = 0  # torch.profiler over this many steps -> out_dir/profile.txt
     time_limit_minutes: float = 0.0  # save and stop (exit 0) after this long in the loop; 0 = off
@@ -429,11 +431,11 @@ def _validate_model(m: ModelConfig) -> None:
 
 def _validate_train(t: TrainConfig) -> None:
     for key in ("batch_size", "grad_accum", "max_steps", "log_every", "ckpt_every",
-                "max_nonfinite"):
+                "max_nonfinite", "sync_every"):
         check_at_least(f"train.{key}", getattr(t, key), 1)
     for key in ("warmup_steps", "sample_every", "keep_last", "milestone_every", "num_threads",
                 "profile_steps", "weight_decay", "grad_clip", "ema_rampup_ratio",
-                "time_limit_minutes", "lock_wait_s"):
+                "time_limit_minutes", "lock_wait_s", "peak_tflops"):
         check_at_least(f"train.{key}", getattr(t, key), 0)
     check(t.batch_size % t.grad_accum == 0,
           f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}; "

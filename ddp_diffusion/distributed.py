@@ -155,6 +155,13 @@ def mean_across_ranks(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def max_across_ranks(t: torch.Tensor) -> None:
+    """Element-wise maximum over ranks, in place, on the training backend: queued on the GPU
+    stream with NCCL, so the host does not wait for it."""
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+
+
 def ignore_stop_signals() -> None:
     """Ignore stop signals from now on, for a process that is about to exit.
 

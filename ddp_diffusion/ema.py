@@ -35,11 +35,13 @@ class EMA:
         self.module = copy.deepcopy(model).float().eval().requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model: nn.Module, beta: float) -> None:
-        """ema <- beta * ema + (1 - beta) * model, for every parameter and buffer."""
+    def update(self, model: nn.Module, beta: float, skip: torch.Tensor) -> None:
+        """ema <- beta * ema + (1 - beta) * model, for every parameter (buffers are copied);
+        where `skip` (a bool on the device) is set nothing moves, and the host never reads it."""
         ema_params = list(self.module.parameters())
-        params = [p.detach().float() for p in model.parameters()]
-        torch._foreach_lerp_(ema_params, params, 1.0 - beta)
+        deltas = torch._foreach_sub([p.detach().float() for p in model.parameters()], ema_params)
+        torch._foreach_mul_(deltas, (1.0 - beta) * (~skip).float())
+        torch._foreach_add_(ema_params, deltas)
         for eb, b in zip(self.module.buffers(), model.buffers(), strict=True):
             eb.copy_(b)
 

@@ -37,10 +37,12 @@ from ddp_diffusion.distributed import DistEnv
 from ddp_diffusion.ema import EMA, ema_beta
 from ddp_diffusion.errors import EXIT_OK, EXIT_PREEMPTED, TrainingDiverged, UserError
 from ddp_diffusion.model import build_denoiser, count_parameters, forward_gflops
+from ddp_diffusion.nonfinite import NonFiniteSteps
 from ddp_diffusion.precision import autocast, bf16_is_fast, resolve_precision
 from ddp_diffusion.sample import generate, save_grid
 from ddp_diffusion.sources import open_source
 from ddp_diffusion.tracking import Tracker, new_run_id
+from ddp_diffusion.utilisation import achieved_tflops, peak_tflops
 
 log = logging.getLogger("ddp_diffusion")
 
@@ -183,29 +185,40 @@ def log_resume(state: dict[str, Any], path: str, cfg: Config, env: DistEnv) -> N
                     "floating-point reduction order", saved_world, env.world_size)
 
 
+def due(step: int, every: int, last: int) -> bool:
+    """Whether a cadence of `every` steps (0: never) falls on this step; the last one always."""
+    return every > 0 and (step % every == 0 or step == last)
+
+
 class LogWindow:
-    """Loss and gradient norm of the finite steps since the last log, summed on the device."""
+    """Loss and gradient norm of the steps since the last log that were not skipped, summed on
+    the device; and the images/s and chip utilisation of the interval."""
 
-    def __init__(self, device: torch.device, step: int) -> None:
-        self.sums = torch.zeros(2, device=device)
-        self.steps, self.since_step, self.since = 0, step, time.perf_counter()
+    def __init__(self, device: torch.device, step: int, train_gflop_per_image: float,
+                 world_size: int, peak_tflops: float | None) -> None:
+        self.sums = torch.zeros(3, device=device)  # loss, grad norm, steps
+        self.since_step, self.since = step, time.perf_counter()
+        self.gflop, self.world_size, self.peak = train_gflop_per_image, world_size, peak_tflops
 
-    def add(self, loss: Tensor, grad_norm: Tensor) -> None:
-        self.sums += torch.stack([loss, grad_norm])
-        self.steps += 1
+    def add(self, loss: Tensor, grad_norm: Tensor, skip: Tensor) -> None:
+        self.sums += torch.where(skip, 0.0, torch.stack([loss, grad_norm, torch.ones_like(loss)]))
 
     def close(self, step: int, batch_size: int, data_wait_s: float) -> dict[str, float]:
-        """Loss, grad norm (left out if no step was finite), images/s and the fraction of the
-        interval spent waiting for data (on this rank); then start anew.
+        """Loss, grad norm (left out if every step was skipped), images/s, TFLOP/s per device
+        and its fraction of the peak (where one is known), and the fraction of the interval
+        spent waiting for data (on this rank); then start anew.
 
-        The only host sync of the loss: once per log interval, averaged over ranks."""
-        loss, norm = distributed.mean_across_ranks(self.sums).tolist()
+        The only host read of the loss: once per log interval, averaged over ranks."""
+        loss, norm, steps = distributed.mean_across_ranks(self.sums).tolist()
         now = time.perf_counter()
-        out = {"loss": loss / self.steps, "grad_norm": norm / self.steps} if self.steps else {}
+        out = {"loss": loss / steps, "grad_norm": norm / steps} if steps else {}
         out["images_per_s"] = batch_size * (step - self.since_step) / (now - self.since)
+        out["tflops"] = achieved_tflops(out["images_per_s"], self.gflop, self.world_size)
+        if self.peak:
+            out["peak_fraction"] = out["tflops"] / self.peak
         out["data_wait"] = data_wait_s / (now - self.since)
         self.sums.zero_()
-        self.steps, self.since_step, self.since = 0, step, now
+        self.since_step, self.since = step, now
         return out
 
 
@@ -236,6 +249,19 @@ def train_step(model: nn.Module, no_sync: Callable[[], contextlib.AbstractContex
     if tc.grad_clip > 0:
         return step_loss, torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
     return step_loss, torch.nn.utils.get_total_norm([p.grad for p in params])
+
+
+def apply_update(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, skip: Tensor
+                 ) -> None:
+    """The optimizer step, which the fused AdamW turns into a no-op on the device where `skip`
+    is set (weights, moments and step count stay: the `found_inf` input GradScaler uses); then
+    the fp16 loss scale's update, which lowers it after an overflow."""
+    opt.found_inf = skip.float()  # type: ignore[attr-defined]
+    try:
+        opt.step()
+    finally:
+        del opt.found_inf  # type: ignore[attr-defined]
+    scaler.update()
 
 
 def train(cfg: Config) -> int:
@@ -287,16 +313,18 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest,
     torch.manual_seed(cfg.seed)
     diffusion = Diffusion(cfg.diffusion)
     model = build_denoiser(cfg.model, diffusion.num_timesteps).to(env.device)
-    log.info("model %s: %.2fM parameters, %.3f GFLOP forward per image; world size %d (%s, %s)",
-             cfg.model.name, count_parameters(model) / 1e6,
-             forward_gflops(model, cfg.model.image_size, source.channels), env.world_size,
-             env.device, precision)
+    gflop = forward_gflops(model, cfg.model.image_size, source.channels)
+    peak = peak_tflops(env.device, precision, tc.peak_tflops)
+    log.info("model %s: %.2fM parameters, %.3f GFLOP forward per image; world size %d (%s, %s); "
+             "peak %s", cfg.model.name, count_parameters(model) / 1e6, gflop, env.world_size,
+             env.device, precision, f"{peak:g} TFLOP/s per device" if peak else
+             "unknown (set train.peak_tflops to log the fraction of it used)")
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = EMA(model)
+    # Fused: one kernel for all parameters, and it skips a non-finite step on the device.
     opt = torch.optim.AdamW(model.parameters(), lr=learning_rate(tc, 0),
-                            betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay,
-                            fused=env.device.type == "cuda" or None)
+                            betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay, fused=True)
     scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
     progress = Progress(run_id=run_id)
     ckpt = CheckpointManager(out_dir / rundir.CHECKPOINTS, {
@@ -329,10 +357,10 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest,
     def save_checkpoint() -> bool:
         """Rank 0 writes the checkpoint of this step (every rank learns if that failed); not in
         a streak of non-finite steps, whose weights are suspect: the good one stays newest."""
-        if nonfinite_streak:
+        if nonfinite.streak:
             if progress.step == tc.max_steps:
                 raise TrainingDiverged(
-                    f"training ended in {nonfinite_streak} non-finite step(s), so its weights "
+                    f"training ended in {nonfinite.streak} non-finite step(s), so its weights "
                     f"were not saved; the newest checkpoint stays {newest_checkpoint()}. Lower "
                     "train.lr, set train.grad_clip, or use train.precision=fp32")
             log.warning("step %d: no checkpoint in a streak of non-finite steps; the newest "
@@ -350,8 +378,8 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest,
         """The sample grid (rank 0: one row per class) and in-training FID (all ranks) due at
         this step; whether any was."""
         s = cfg.sample
-        grid_due = tc.sample_every and (step % tc.sample_every == 0 or step == tc.max_steps)
-        fid_due = cfg.fid.every and (step % cfg.fid.every == 0 or step == tc.max_steps)
+        grid_due = due(step, tc.sample_every, tc.max_steps)
+        fid_due = due(step, cfg.fid.every, tc.max_steps)
         if grid_due and env.is_main:
             names = source.class_names
             labels = torch.arange(len(names), device=env.device).repeat_interleave(s.per_class)
@@ -366,7 +394,7 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest,
 
             fid = evaluate(ema.module, diffusion, cfg, cfg.fid, cfg.seed, precision)
             tracker.log(step, {k: fid[k] for k in ("fid", "class_accuracy") if k in fid})
-        return bool(grid_due or fid_due)
+        return grid_due or fid_due
 
     def stopped(step: int, saved: bool) -> int:
         name = signal.Signals(stop.signal).name if stop.signal else "another rank's signal"
@@ -377,8 +405,11 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest,
 
     progress_bar = tqdm(total=tc.max_steps, initial=progress.step, disable=not env.is_main,
                         unit="step", dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
-    window = LogWindow(env.device, progress.step)
-    nonfinite_streak = 0
+    window = LogWindow(env.device, progress.step, 3 * gflop, env.world_size, peak)
+    nonfinite = NonFiniteSteps(env.device, tc.sync_every, progress.nonfinite_total)
+    # The host waits for the device only at sync points: every train.sync_every steps, and
+    # wherever a log line, checkpoint, grid or FID is due.
+    cadences = (tc.sync_every, tc.log_every, tc.ckpt_every, tc.sample_every, cfg.fid.every)
     deadline = (time.perf_counter() + 60 * tc.time_limit_minutes if tc.time_limit_minutes > 0
                 else math.inf)
     model.train()
@@ -393,36 +424,32 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest,
             batches = loader.micro_batches(step)
             loss, grad_norm = train_step(train_model, no_sync, diffusion, batches, opt, scaler,
                                          tc, precision)
-            # One tiny CPU collective per step: did any rank get a stop signal, run out of time,
-            # or see a non-finite loss or gradient (fp16: the loss scaler skips those itself)?
-            finite = torch.isfinite(loss) & (torch.isfinite(grad_norm) | scaler.is_enabled())
-            stop_now, time_up, bad = distributed.agree_any([
-                stop.requested, time.perf_counter() > deadline, not bool(finite)])
+            skip = nonfinite.record(loss, grad_norm, loss_scaling=scaler.is_enabled())
+            apply_update(opt, scaler, skip)
             progress.step = step = step + 1
             progress.images_seen += tc.batch_size
-            if bad:
-                nonfinite_streak += 1
-                progress.nonfinite_total += 1
-                log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row, "
-                            "%d total)", step, nonfinite_streak, progress.nonfinite_total)
-                if nonfinite_streak >= tc.max_nonfinite:
-                    raise TrainingDiverged(
-                        f"loss was non-finite for {nonfinite_streak} steps in a row (up to step "
-                        f"{step}); last checkpoint: {newest_checkpoint()}; lower train.lr, set "
-                        "train.grad_clip, or use train.precision=fp32")
-            else:
-                nonfinite_streak = 0
-                scaler.step(opt)
-                ema.update(model, ema_beta(tc.batch_size, progress.images_seen,
-                                           tc.ema_halflife_kimg, tc.ema_rampup_ratio))
-                window.add(loss, grad_norm)
-            scaler.update()
+            ema.update(model, ema_beta(tc.batch_size, progress.images_seen,
+                                       tc.ema_halflife_kimg, tc.ema_rampup_ratio), skip)
+            window.add(loss, grad_norm, skip)
             opt.zero_grad(set_to_none=True)
             progress_bar.update(1)
             if profiler is not None:
                 profiler.step()
+            if not any(due(step, every, tc.max_steps) for every in cadences):
+                continue
 
-            if step % tc.log_every == 0 or step == tc.max_steps:
+            # A sync point. The non-finite steps since the last one, as they happened; then one
+            # tiny CPU collective: did any rank get a stop signal or run out of time?
+            diverged_at = nonfinite.read(step, tc.max_nonfinite)
+            progress.nonfinite_total = nonfinite.total
+            if diverged_at is not None:
+                raise TrainingDiverged(
+                    f"loss was non-finite for {nonfinite.streak} steps in a row (up to step "
+                    f"{diverged_at}); last checkpoint: {newest_checkpoint()}; lower train.lr, "
+                    "set train.grad_clip, or use train.precision=fp32")
+            stop_now, time_up = distributed.agree_any([stop.requested,
+                                                       time.perf_counter() > deadline])
+            if due(step, tc.log_every, tc.max_steps):
                 metrics = window.close(step, tc.batch_size, loader.take_wait()) | {
                     "lr": opt.param_groups[0]["lr"],
                     "ema_beta": ema_beta(tc.batch_size, progress.images_seen,
@@ -433,7 +460,7 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest,
                 tracker.log(step, metrics)
                 progress_bar.set_postfix(loss=f"{metrics.get('loss', math.nan):.4f}",
                                          img_s=f"{metrics['images_per_s']:.1f}")
-            saved = ((stop_now or time_up or step % tc.ckpt_every == 0 or step == tc.max_steps)
+            saved = ((stop_now or time_up or due(step, tc.ckpt_every, tc.max_steps))
                      and save_checkpoint())
             if stop_now:
                 return stopped(step, saved)

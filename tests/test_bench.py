@@ -47,6 +47,23 @@ def test_train_throughput_quick_emits_json(tiny_data: Path, tmp_path: Path) -> N
     assert "| codealong | 8 |" in table and "| ours fp32 | 8 |" in table
 
 
+def test_sync_every_bench_times_each_value_over_the_logged_intervals(tiny_data: Path,
+                                                                     tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "bench/sync_every.py", "--data-root", str(tiny_data), "--ranks", "1",
+         "--values", "1,3", "--steps", "9", "--log-every", "3", "--rounds", "2",
+         "--out", str(tmp_path), "--set", *TINY],
+        capture_output=True, text=True, cwd=REPO, env=cli_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "sync_every_cpu.json").read_text())
+    assert [r["sync_every"] for r in result["rows"]] == [1, 3]
+    for r in result["rows"]:
+        assert len(r["samples"]) == 2 * 2  # 2 rounds x the intervals after the first of 3
+        assert r["min"] <= r["images_per_s"] <= r["max"] and r["min"] > 0
+    table = (tmp_path / "sync_every_cpu.md").read_text()
+    assert "| 3 |" in table and f"flags {result['machine']['cpu_flags']}" in table
+
+
 def test_codealong_run_loads_as_our_denoiser_with_identical_outputs(tiny_data: Path,
                                                                     tmp_path: Path) -> None:
     """The baseline's saved run is evaluated by our fid/sample code: the weights must map 1:1."""

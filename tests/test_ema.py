@@ -20,7 +20,7 @@ def test_ema_matches_hand_computed_average() -> None:
             model.weight.fill_(w)
         beta = ema_beta(batch, step * batch, halflife_kimg, rampup)
         assert beta == pytest.approx(0.5 ** 0.5)
-        ema.update(model, beta)
+        ema.update(model, beta, skip=torch.tensor(False))
         expected = beta * expected + (1 - beta) * w
         assert ema.module.weight.item() == pytest.approx(expected, rel=1e-6)
     # Closed form after four updates with a constant beta.
@@ -28,6 +28,19 @@ def test_ema_matches_hand_computed_average() -> None:
     closed = b ** 4 * 1.0 + (1 - b) * (b ** 3 * 3 + b ** 2 * -1 + b * 5 + 2)
     assert ema.module.weight.item() == pytest.approx(closed, rel=1e-6)
     assert ema.module.weight.dtype == torch.float32 and not ema.module.weight.requires_grad
+
+
+def test_a_skipped_step_leaves_the_ema_exactly_as_it_was() -> None:
+    model = torch.nn.Linear(3, 1)
+    ema = EMA(model)
+    ema.update(model, 0.9, skip=torch.tensor(False))
+    before = [p.clone() for p in ema.module.parameters()]
+    with torch.no_grad():
+        model.weight.add_(100.0)
+    ema.update(model, 0.5, skip=torch.tensor(True))
+    assert all(torch.equal(a, b) for a, b in zip(before, ema.module.parameters(), strict=True))
+    ema.update(model, 0.5, skip=torch.tensor(False))  # and the next step moves it again
+    assert not torch.equal(before[0], ema.module.weight)
 
 
 def test_halflife_and_rampup() -> None:

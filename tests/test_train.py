@@ -6,6 +6,7 @@ import contextlib
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from conftest import TINY, run_cli
@@ -74,13 +75,16 @@ def test_short_run_writes_config_metrics_checkpoints_samples(tiny_data: Path,
     assert grid.size == (84 + 2 * 34 + 2, 10 * 34 + 2)  # 10 classes x 2 per class, labelled
 
 
-def test_time_limit_saves_and_stops_cleanly(tiny_data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("sync_every", "first_sync_point"), [(1, 1), (4, 4)])
+def test_time_limit_saves_and_stops_cleanly_at_the_next_sync_point(
+        tiny_data: Path, tmp_path: Path, sync_every: int, first_sync_point: int) -> None:
     out = tmp_path / "run"
     proc = run_cli("train", "--config", "configs/quickstart_cpu.yaml", *TINY, f"out_dir={out}",
                    f"data.root={tiny_data}", "train.max_steps=1000", "train.ckpt_every=500",
-                   "train.time_limit_minutes=1e-6")  # 60 microseconds: stops after step 1
+                   f"train.sync_every={sync_every}",  # TINY logs every 5 steps
+                   "train.time_limit_minutes=1e-6")  # 60 microseconds: up by the first step's end
     assert proc.returncode == 0 and "time_limit_minutes" in proc.stderr
-    assert [s for s, _ in checkpoint.list_checkpoints(out / "checkpoints")] == [1]
+    assert [s for s, _ in checkpoint.list_checkpoints(out / "checkpoints")] == [first_sync_point]
 
 
 def test_profile_steps_write_an_operator_table_and_a_trace(tiny_data: Path,

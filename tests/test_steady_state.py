@@ -1,0 +1,151 @@
+"""The steady-state step: every logged row says how much of the chip it used, and the host
+waits for the device only at sync points, without changing a single bit of the result."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, TINY, assert_same_run, cli_env, run_cli, run_torchrun, wait_for_step
+
+from ddp_diffusion import checkpoint
+from ddp_diffusion.config import ModelConfig
+from ddp_diffusion.model import build_denoiser, forward_gflops
+from ddp_diffusion.train import apply_update
+from ddp_diffusion.utilisation import table_peak_tflops
+
+
+def args(data: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    return ["train", *TINY, f"data.root={data}", f"out_dir={out}", f"train.max_steps={steps}",
+            *extra]
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------- utilisation
+
+
+def tiny_train_gflop() -> float:
+    """Training FLOPs per image of the TINY model on 1x32x32 images: 3x the forward."""
+    model = ModelConfig(channels=16, channel_mult=[1, 2], num_res_blocks=1,
+                        attention_resolutions=[], num_classes=10, in_channels=1)
+    return 3 * forward_gflops(build_denoiser(model, 100), 32, 1)
+
+
+def test_every_logged_row_carries_tflops_and_the_fraction_of_the_set_peak(
+        tiny_data: Path, tmp_path: Path) -> None:
+    gflop = tiny_train_gflop()
+    run_cli(*args(tiny_data, tmp_path / "one", 10, "train.peak_tflops=0.25"))
+    for r in records(tmp_path / "one"):
+        assert r["tflops"] == pytest.approx(r["images_per_s"] * gflop / 1e3, rel=1e-9)
+        assert r["peak_fraction"] == pytest.approx(r["tflops"] / 0.25, rel=1e-9)
+    # Two ranks: the images/s is global, the TFLOP/s per device; no peak known for a CPU.
+    run_torchrun(2, *args(tiny_data, tmp_path / "two", 10))
+    rows = records(tmp_path / "two")
+    assert rows and all("peak_fraction" not in r for r in rows)
+    for r in rows:
+        assert r["tflops"] == pytest.approx(r["images_per_s"] * gflop / 1e3 / 2, rel=1e-9)
+
+
+@pytest.mark.parametrize(("name", "precision", "peak"), [
+    ("NVIDIA H100 80GB HBM3", "bf16", 989.0),
+    ("NVIDIA H100 PCIe", "bf16", 756.0),  # not the SXM part's number
+    ("NVIDIA H200", "fp32", 494.5),  # TF32: half
+    ("NVIDIA A100-SXM4-80GB", "fp16", 312.0),
+    ("NVIDIA L4", "bf16", 121.0),
+    ("NVIDIA L40S", "bf16", 362.0),  # not the L4's
+    ("Tesla T4", "fp16", None),  # not listed: the log asks for train.peak_tflops
+])
+def test_the_gpu_peak_table_matches_whole_model_names(name: str, precision: str,
+                                                       peak: float | None) -> None:
+    assert table_peak_tflops(name, precision) == peak
+
+
+# ----------------------------------------------------------------------- skipping on the device
+
+
+def tiny_optimizer() -> tuple[torch.nn.Linear, torch.optim.AdamW]:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1, fused=True)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    apply_update(opt, torch.amp.GradScaler("cpu", enabled=False), torch.tensor(False))
+    return model, opt
+
+
+def snapshot(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [t.clone() for p in model.parameters()
+            for t in (p, *opt.state[p].values())]
+
+
+def test_a_skipped_update_changes_no_weight_moment_or_step_count() -> None:
+    model, opt = tiny_optimizer()
+    before = snapshot(model, opt)
+    apply_update(opt, torch.amp.GradScaler("cpu", enabled=False), torch.tensor(True))
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot(model, opt), strict=True))
+    apply_update(opt, torch.amp.GradScaler("cpu", enabled=False), torch.tensor(False))
+    after = snapshot(model, opt)
+    assert not any(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_an_fp16_overflow_is_skipped_and_lowers_the_loss_scale() -> None:
+    model, opt = tiny_optimizer()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    scaler.scale(model(torch.full((1, 4), torch.inf)).sum()).backward()
+    scaler.unscale_(opt)  # finds the inf, as train_step does before clipping
+    before = snapshot(model, opt)
+    norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+    apply_update(opt, scaler, ~torch.isfinite(norm))
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot(model, opt), strict=True))
+    assert scaler.get_scale() == 2.0 ** 15
+
+
+# ----------------------------------------------------------------------------- sync points
+
+
+def nonfinite_report(stderr: str) -> list[str]:
+    """The non-finite warnings and the final error line of a run, without their timestamps."""
+    lines = re.findall(r"step \d+: non-finite loss.*", stderr)
+    return [*lines, stderr.strip().splitlines()[-1]]
+
+
+def test_non_finite_steps_are_reported_at_sync_points_exactly_as_a_per_step_check_would(
+        tiny_data: Path, tmp_path: Path) -> None:
+    blow_up = ("train.lr=1e30", "train.grad_clip=0", "train.max_nonfinite=3")
+    every_step = run_cli(*args(tiny_data, tmp_path / "a", 30, *blow_up, "train.sync_every=1",
+                               "train.log_every=1"), check=False)
+    delayed = run_cli(*args(tiny_data, tmp_path / "b", 30, *blow_up, "train.sync_every=8",
+                            "train.log_every=8"), check=False)
+    assert every_step.returncode == delayed.returncode == 3
+    report = nonfinite_report(every_step.stderr)
+    assert len(report) == 4 and "3 steps in a row" in report[-1], report
+    assert nonfinite_report(delayed.stderr) == report
+
+
+def test_a_stop_signal_is_honoured_at_the_next_sync_point_and_resumes_exactly(
+        tiny_data: Path, tmp_path: Path) -> None:
+    cosine = ("train.lr_schedule=cosine", "train.min_lr_ratio=0.1", "train.ckpt_every=1000")
+    # The reference reads back every step; the stopped run only every 4 steps and logs every 3.
+    run_cli(*args(tiny_data, tmp_path / "straight", 24, *cosine, "train.sync_every=1",
+                  "train.log_every=1"))
+    out = tmp_path / "stopped"
+    sparse = args(tiny_data, out, 24, *cosine, "train.sync_every=4", "train.log_every=3")
+    proc = subprocess.Popen([sys.executable, "-m", "ddp_diffusion", *sparse], cwd=REPO,
+                            env=cli_env(), stderr=subprocess.PIPE, text=True)
+    wait_for_step(out / "metrics.jsonl", 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-3000:]
+    (stopped_at, _), = checkpoint.list_checkpoints(out / "checkpoints")
+    assert 3 < stopped_at < 24 and (stopped_at % 4 == 0 or stopped_at % 3 == 0)  # a sync point
+    run_cli(*sparse)
+    assert_same_run(tmp_path / "straight", out)
