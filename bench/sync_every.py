@@ -50,7 +50,7 @@ def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines = [f"Measured {m['date']} on {m.get('gpu', m['cpu'])} ({m['cores']} CPU cores, "
              f"flags {m['cpu_flags'] or 'none of avx2/avx512_bf16/amx_bf16'}, torch "
-             f"{m['torch']}): `{result['config']}` {' '.join(result['overrides'])}, "
+             f"{m['torch']}): `{' '.join([result['config'], *result['overrides']])}`, "
              f"{result['ranks']} rank(s), {result['rounds']} rounds of {result['steps']} steps "
              f"(logged every {result['log_every']}), alternating.", "",
              "| train.sync_every | images/s (median) | min–max | vs sync every step |",
