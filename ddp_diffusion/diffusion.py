@@ -10,6 +10,8 @@ and the code-along's ``g = 2`` weighs the conditional prediction three times.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor, nn
 from torchmultimodal.diffusion_labs.modules.adapters.cfguidance import CFGuidance
@@ -56,6 +58,22 @@ class ConsistentNoisePredictor(NoisePredictor):
         x_coef = self.schedule("sqrt_recip_alphas_cumprod", t, xt.shape)
         e_coef = self.schedule("sqrt_recip_alphas_cumprod_minus_one", t, xt.shape)
         return ((x_coef * xt - x0) / e_coef).to(xt.dtype)
+
+
+class DDIMToData(DDIModule):
+    """torchmultimodal's DDIM, ending on the data as the DDIM paper and improved-diffusion do.
+
+    Its own generator stops at x at the smallest eval step: one model evaluation short of the
+    steps asked for, with that step's noise left in the image. The last step here goes on to
+    alpha_bar = 1, that is the clamped x0 prediction (a cross-check against the paper's equations
+    in tests/test_diffusion.py found the difference).
+    """
+
+    def generator(self, x: Tensor, c: dict[str, Tensor] | None = None) -> Iterator[Tensor]:
+        for x in super().generator(x, c):  # noqa: B020 (each step's x feeds the next)
+            yield x
+        t = self.eval_steps[0] * torch.ones(x.size(0), device=x.device, dtype=torch.long)
+        yield self.predictor.predict_x0(self.model(x, t, c).prediction, x, t).to(x.dtype)
 
 
 class ConditionalDenoiser(nn.Module):
@@ -154,8 +172,8 @@ class Diffusion:
             module: nn.Module = DDPModule(guided, self.schedule, self.predictor,
                                           eval_steps=eval_steps, progress_bar=False)
         elif kind == "ddim":
-            module = DDIModule(guided, self.schedule, self.predictor,
-                               eval_steps=eval_steps, progress_bar=False, eta=eta)
+            module = DDIMToData(guided, self.schedule, self.predictor,
+                                eval_steps=eval_steps, progress_bar=False, eta=eta)
         else:
             raise ValueError(f"unknown sampler {kind!r}; use ddpm or ddim")
         device = next(denoiser.parameters()).device

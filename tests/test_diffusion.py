@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch import Tensor
 
 from ddp_diffusion.config import DiffusionConfig, ModelConfig
 from ddp_diffusion.data import MemoryLoader, StepPlan
@@ -111,3 +114,41 @@ def test_ddim_step_is_consistent_where_the_x0_clamp_bites() -> None:
         assert (x0.abs() == 1).float().mean() > 0.1  # the clamp bites on many pixels
         same = ddim.remove_noise(xt, cond, t, t)
     torch.testing.assert_close(same, xt, rtol=0, atol=1e-4)
+
+
+def reference_ddim(eps: Callable[[Tensor, int], Tensor], alphas_cumprod: Tensor,
+                   timesteps: list[int], x: Tensor) -> Tensor:
+    """Deterministic DDIM written from the paper (Song et al. 2021, eq. 12 with sigma = 0), as
+    improved-diffusion runs it: one evaluation per timestep (largest first), x0 clamped to the
+    data range and the noise re-derived from it, and the last step to alpha_bar = 1: the data."""
+    for i, t in enumerate(timesteps):
+        a = alphas_cumprod[t]
+        a_next = alphas_cumprod[timesteps[i + 1]] if i + 1 < len(timesteps) else torch.tensor(1.0)
+        x0 = ((x - (1 - a).sqrt() * eps(x, t)) / a.sqrt()).clamp(-1, 1)
+        e = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * e
+    return x
+
+
+def test_ddim_matches_the_papers_equations_step_for_step_and_evaluation_for_evaluation() -> None:
+    diffusion = Diffusion(DiffusionConfig(steps=100))
+    denoiser = _denoiser(randomize=True).double().eval()  # float64: the two differ in rounding
+    guided = denoiser.guided(2.0).eval()  # a new module: in eval mode it guides
+    cond = denoiser.condition(torch.tensor([0, 3, 7]))
+    calls = []
+    denoiser.cfguidance.model.register_forward_hook(lambda *_: calls.append(1))
+    torch.manual_seed(2)
+    noise = torch.randn(3, 1, 32, 32, dtype=torch.float64)
+
+    def eps(x: Tensor, t: int) -> Tensor:
+        return guided(x, torch.full((len(x),), t), cond).prediction
+
+    with torch.no_grad():
+        ours = diffusion.sampler(denoiser, "ddim", 10, guidance=2.0)(noise, conditional_inputs=cond)
+        evaluations = len(calls)
+        timesteps = torch.linspace(0, 99, 10).round().long().flip(0).tolist()
+        expected = reference_ddim(eps, diffusion.schedule.alphas_cumprod, timesteps, noise)
+    # CFG batches the conditional and unconditional branch: one call of the net per evaluation.
+    assert evaluations == 10
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-9)
+    assert ours.abs().max() <= 1  # it ends on the clamped data estimate, not on x at t=0
