@@ -1,6 +1,6 @@
 """FID and class accuracy vs sampler, steps and guidance on a trained run: a table and a plot.
 
-    python bench/fid_vs_steps.py --run runs/x                 # DDPM 1000/250, DDIM 100/50/25/10
+    python bench/fid_vs_steps.py --run runs/x        # DDPM 1000-25, DDIM 100-10, DPM++/UniPC 25/10
     python bench/fid_vs_steps.py --run runs/x --quick --out-dir /tmp/q   # a smoke run
     torchrun --nproc_per_node 4 bench/fid_vs_steps.py --run runs/x       # every rank samples
 
@@ -15,20 +15,23 @@ import dataclasses
 import datetime
 import platform
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from PIL import Image, ImageDraw
 
 from ddp_diffusion import distributed
-from ddp_diffusion.fid import evaluate
+from ddp_diffusion.config import Sampler
+from ddp_diffusion.errors import UserError
+from ddp_diffusion.fid import evaluate, real_fid
 from ddp_diffusion.model import count_parameters
 from ddp_diffusion.precision import resolve_precision
 from ddp_diffusion.sample import load_run
 
-GRID = [("ddpm", 1000), ("ddpm", 250), ("ddim", 100), ("ddim", 50), ("ddim", 25), ("ddim", 10)]
+GRID = [("ddpm", 1000), ("ddpm", 250), ("ddpm", 50), ("ddpm", 25), ("ddim", 100), ("ddim", 50),
+        ("ddim", 25), ("ddim", 10), ("dpm++", 25), ("dpm++", 10), ("unipc", 25), ("unipc", 10)]
 GUIDANCES = [0.0, 1.0, 2.0, 4.0]
-QUICK_GRID = [("ddpm", 20), ("ddim", 10), ("ddim", 5)]
+QUICK_GRID = [("ddpm", 20), ("ddim", 10), ("ddim", 5), ("dpm++", 5)]
 QUICK_GUIDANCES = [0.0, 2.0]
 COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
 
@@ -86,7 +89,11 @@ def report(rows: list[dict[str, Any]], about: dict[str, Any], png: Path) -> str:
         f"{rows[0]['reference_samples']} real {rows[0]['reference']} images, "
         f"`{rows[0]['features']}` features; seed {rows[0]['seed']}, DDIM eta {rows[0]['eta']}",
         "- class accuracy: the fraction of generated images the shipped classifier assigns to "
-        "the requested class", "",
+        "the requested class",
+        (f"- floor: {about['floor']['num_samples']} real {about['floor']['split']} images score "
+         f"FID {about['floor']['fid']:.3f} against the same reference with the same features: "
+         "what a perfect model would score at this sample count" if about["floor"] else
+         "- floor: not measured (the other split has fewer images than the sample count)"), "",
         "| sampler | steps | guidance | FID | class accuracy | samples/s |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
@@ -109,8 +116,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"only {QUICK_GRID} at guidance {QUICK_GUIDANCES}")
     parser.add_argument("--out-dir", default="docs")
-    parser.add_argument("--samplers", nargs="+", default=["ddpm", "ddim"],
-                        choices=("ddpm", "ddim"), help="only these rows of the grid")
+    parser.add_argument("--samplers", nargs="+", default=list(get_args(Sampler)),
+                        choices=get_args(Sampler), help="only these rows of the grid")
     parser.add_argument("--note", default="", help="a line for the page, e.g. how the model "
                         "was trained")
     parser.add_argument("--precision", default="auto", help="sampling precision (auto: bf16 on "
@@ -136,14 +143,22 @@ def main() -> None:
                  "device": (torch.cuda.get_device_name(env.device) if env.device.type == "cuda"
                             else f"CPU {platform.processor() or platform.machine()}, "
                                  f"{torch.get_num_threads()} threads")}
+        base = dataclasses.replace(cfg.fid, num_samples=num_samples, features=args.features,
+                                   reference=args.reference, batch_size=args.batch_size)
+        other = "test" if args.reference == "train" else "train"
+        try:
+            about["floor"] = real_fid(cfg, base, other) if env.is_main else None
+        except UserError:
+            about["floor"] = None
+        if about["floor"]:
+            print(f"floor: FID {about['floor']['fid']:.3f} of {num_samples} real {other} images",
+                  flush=True)
         rows: list[dict[str, Any]] = []
         # Cheapest first, and the page is rewritten after every point: a run stopped early
         # still leaves every finished point on disk.
         for sampler, steps in sorted(grid, key=lambda c: c[1]):
             for g in guidances:
-                fc = dataclasses.replace(cfg.fid, num_samples=num_samples, sampler=sampler,
-                                         steps=steps, guidance=g, features=args.features,
-                                         reference=args.reference, batch_size=args.batch_size)
+                fc = dataclasses.replace(base, sampler=sampler, steps=steps, guidance=g)
                 rows.append(evaluate(denoiser, diffusion, cfg, fc, args.seed, precision))
                 if env.is_main:
                     r = rows[-1]

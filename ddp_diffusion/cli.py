@@ -8,8 +8,16 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import get_args
 
-from ddp_diffusion.config import check, check_at_least, check_fid, check_finite, check_sample
+from ddp_diffusion.config import (
+    Sampler,
+    check,
+    check_at_least,
+    check_fid,
+    check_finite,
+    check_sample,
+)
 from ddp_diffusion.errors import DDPDiffusionError
 
 
@@ -128,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", default="all",
                    help="'all' or names/indices, e.g. sneaker,bag or 7,8 (default: all)")
     p.add_argument("--per-class", type=int, help="images per class (default: config)")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), help="default: config")
+    p.add_argument("--sampler", choices=get_args(Sampler), help="default: config")
     p.add_argument("--steps", type=int, help="sampling steps (default: config)")
     p.add_argument("--guidance", type=float, help="CFG scale g: (1+g)*cond - g*uncond")
     p.add_argument("--eta", type=float, help="DDIM eta (default: config)")
@@ -149,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run directory (its out_dir); --run-dir under torchrun")
     p.add_argument("--checkpoint", help="checkpoint file (default: newest in RUN/checkpoints)")
     p.add_argument("--num-samples", type=int, default=10000)
-    p.add_argument("--sampler", choices=("ddpm", "ddim"))
+    p.add_argument("--sampler", choices=get_args(Sampler))
     p.add_argument("--steps", type=int, help="sampling steps")
     p.add_argument("--guidance", type=float, help="CFG scale g: (1+g)*cond - g*uncond")
     p.add_argument("--eta", type=float, help="DDIM eta (default: config sample.eta)")

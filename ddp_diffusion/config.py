@@ -89,9 +89,14 @@ class TrainConfig:
     time_limit_minutes: float = 0.0  # save and stop (exit 0) after this long in the loop; 0 = off
 
 
+# ddpm: ancestral, with the learned variance; ddim: deterministic; dpm++, unipc: second-order
+# ODE solvers; sde-dpm++: second-order SDE solver (the last three from diffusers)
+Sampler = Literal["ddpm", "ddim", "dpm++", "sde-dpm++", "unipc"]
+
+
 @dataclass
 class SampleConfig:
-    sampler: Literal["ddpm", "ddim"] = "ddpm"
+    sampler: Sampler = "ddpm"
     steps: int = 250
     guidance: float = 2.0  # CFGuidance: (1+g)*cond - g*uncond, so 0 means no guidance
     eta: float = 0.0  # DDIM only
@@ -103,7 +108,7 @@ class SampleConfig:
 class FidConfig:
     every: int = 0  # in training: FID with the EMA weights every N steps, on all ranks (0 = off)
     num_samples: int = 2000  # generated images per evaluation (the fid command: 10000)
-    sampler: Literal["ddpm", "ddim"] = "ddim"  # eta: sample.eta
+    sampler: Sampler = "ddim"  # eta: sample.eta
     steps: int = 50
     guidance: float = 2.0
     features: Literal["fashion", "inception"] = "fashion"  # inception: torchmetrics 2048-d
@@ -355,6 +360,8 @@ def check_sample(s: SampleConfig, diffusion_steps: int, prefix: str = "sample.")
     """Sampling settings (config keys, or the sample command's flags with prefix '--')."""
     _check_sampler(prefix, s.steps, s.guidance, diffusion_steps)
     check_at_least(_name(prefix, "eta"), s.eta, 0)
+    check(s.eta == 0 or s.sampler == "ddim", f"{_name(prefix, 'eta')}={s.eta} only applies to "
+                                             f"the ddim sampler, not {s.sampler}; leave it at 0")
     check_at_least(_name(prefix, "per_class"), s.per_class, 1)
 
 

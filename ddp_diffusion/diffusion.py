@@ -76,6 +76,38 @@ class DDIMToData(DDIModule):
         yield self.predictor.predict_x0(self.model(x, t, c).prediction, x, t).to(x.dtype)
 
 
+SOLVERS = {"dpm++": "dpmsolver++", "sde-dpm++": "sde-dpmsolver++", "unipc": "unipc"}
+
+
+class SolverSampler(nn.Module):
+    """A multistep solver from diffusers over our noise schedule and guided network, order 2:
+    DPM-Solver++ of the probability-flow ODE (`dpm++`) or of the reverse SDE (`sde-dpm++`, whose
+    noise comes from the global RNG, seeded by the caller), or UniPC. One network evaluation per
+    step, x0 clamped to [-1, 1] at every step as in our DDIM, the last step onto the data."""
+
+    def __init__(self, model: nn.Module, kind: str, betas: Tensor, steps: int, clamp: bool,
+                 order: int = 2) -> None:
+        super().__init__()
+        import diffusers  # pinned in pyproject.toml; imported here only, lazily: it takes seconds
+
+        self.model, self.steps = model, steps
+        options = {"num_train_timesteps": len(betas), "trained_betas": betas.double().numpy(),
+                   "prediction_type": "epsilon", "solver_order": order,
+                   "timestep_spacing": "linspace", "final_sigmas_type": "zero",
+                   # diffusers' dynamic threshold with a ceiling of 1 is the plain clamp
+                   "thresholding": clamp, "sample_max_value": 1.0}
+        self.scheduler = (diffusers.UniPCMultistepScheduler(**options) if kind == "unipc" else
+                          diffusers.DPMSolverMultistepScheduler(algorithm_type=SOLVERS[kind],
+                                                                **options))
+
+    def forward(self, x: Tensor, conditional_inputs: dict[str, Tensor] | None = None) -> Tensor:
+        self.scheduler.set_timesteps(self.steps, device=x.device)  # also resets its history
+        for t in self.scheduler.timesteps:
+            eps = self.model(x, t.expand(len(x)), conditional_inputs).prediction
+            x = self.scheduler.step(eps, t, x).prev_sample
+        return x
+
+
 class ConditionalDenoiser(nn.Module):
     """Class embedding + torchmultimodal's CFGuidance around a noise-prediction network.
 
@@ -163,7 +195,8 @@ class Diffusion:
 
     def sampler(self, denoiser: ConditionalDenoiser, kind: str, steps: int, guidance: float,
                 eta: float = 0.0) -> nn.Module:
-        """A torchmultimodal DDPM (respaced) or DDIM sampler with CFG scale g, in eval mode."""
+        """A sampler with CFG scale g, in eval mode: torchmultimodal's DDPM (respaced, with the
+        learned variance), DDIM, or one of diffusers' solvers (SolverSampler)."""
         if not 1 <= steps <= self.cfg.steps:
             raise ValueError(f"sampling steps must be in 1..{self.cfg.steps}, got {steps}")
         guided = denoiser.guided(guidance)
@@ -174,7 +207,9 @@ class Diffusion:
         elif kind == "ddim":
             module = DDIMToData(guided, self.schedule, self.predictor,
                                 eval_steps=eval_steps, progress_bar=False, eta=eta)
+        elif kind in SOLVERS:
+            module = SolverSampler(guided, kind, self.schedule.betas, steps, self.cfg.clamp_x0)
         else:
-            raise ValueError(f"unknown sampler {kind!r}; use ddpm or ddim")
+            raise ValueError(f"unknown sampler {kind!r}; use ddpm, ddim, {', '.join(SOLVERS)}")
         device = next(denoiser.parameters()).device
         return module.to(device).eval()

@@ -133,9 +133,11 @@ def checksum(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-def new_metric(extractor: nn.Module) -> FrechetInceptionDistance:
-    """torchmetrics' FID on a custom extractor; it keeps the real statistics across resets."""
-    metric = FrechetInceptionDistance(feature=extractor, reset_real_features=False)
+def new_metric(extractor: nn.Module, sync: bool = True) -> FrechetInceptionDistance:
+    """torchmetrics' FID on a custom extractor; it keeps the real statistics across resets, and
+    compute() sums the statistics over ranks unless `sync` is off."""
+    metric = FrechetInceptionDistance(feature=extractor, reset_real_features=False,
+                                      sync_on_compute=sync)
     return metric.to(next(extractor.parameters()).device)
 
 
@@ -183,6 +185,31 @@ def set_reference(metric: FrechetInceptionDistance, states: dict[str, Tensor]) -
     """Put real statistics into a metric (only on rank 0: compute() sums them over ranks)."""
     for k in REAL_STATES:
         setattr(metric, k, states[k].clone().to(metric.device))
+
+
+def real_fid(cfg: Config, fc: FidConfig, split: str) -> dict[str, Any]:
+    """FID of the first fc.num_samples real images of a split against fc.reference, in this
+    process alone: with the other split, the floor a perfect model would score at this sample
+    count and with these features, which a model's FID is to be read against."""
+    extractor = build_extractor(fc.features, fc.inception_weights)
+    metric = new_metric(extractor, sync=False)
+    set_reference(metric, reference_stats(extractor, cfg.data, fc.reference,
+                                          cfg.model.image_size).states)
+    source = open_source(cfg.data, cfg.model.image_size, cfg.data.num_workers,
+                         train=split == "train")
+    if len(source) < fc.num_samples:
+        raise UserError(f"the {split} split has {len(source)} images, fewer than the "
+                        f"{fc.num_samples} asked for")
+    seen = 0
+    with torch.no_grad():
+        for images in source.batches(fc.batch_size, cfg.data.num_workers):
+            images = images[:fc.num_samples - seen]
+            metric.update(images.to(metric.device), real=False)
+            seen += len(images)
+            if seen == fc.num_samples:
+                break
+    return {"fid": float(metric.compute()), "split": split, "reference": fc.reference,
+            "num_samples": seen, "features": fc.features}
 
 
 def chunk_labels(chunk: int, batch_size: int, num_samples: int, num_classes: int) -> Tensor:

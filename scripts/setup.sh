@@ -78,7 +78,8 @@ if ! stamped "$stamp" && ! { [[ $want_test -eq 0 ]] && stamped .venv/.ddp-diffus
   .venv/bin/python -m pip install --upgrade pip >>"$log" 2>&1 || fail "upgrading pip" "$log"
   .venv/bin/python -m pip install -e ".$extra" >>"$log" 2>&1 \
     || fail "pip install -e .$extra" "$log"
-  .venv/bin/python -c "import ddp_diffusion.train" >>"$log" 2>&1 \
+  # diffusers too: diffusion.py imports it only when a dpm++ or unipc sampler is built
+  .venv/bin/python -c "import ddp_diffusion.train, diffusers" >>"$log" 2>&1 \
     || fail "importing the installed package" "$log"
   echo "$hash" >"$stamp"
 fi

@@ -4,6 +4,7 @@ the reference cache, the shipped classifier, in-training FID, and the Inception 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import subprocess
@@ -28,7 +29,7 @@ from scipy import linalg
 
 from ddp_diffusion import classifier, fid
 from ddp_diffusion.classifier import accuracy, card, load_classifier, to_uint8
-from ddp_diffusion.config import DataConfig
+from ddp_diffusion.config import Config, DataConfig, FidConfig
 from ddp_diffusion.errors import UserError
 from ddp_diffusion.sources import load_split
 
@@ -299,3 +300,15 @@ def test_fid_of_an_image_folder_run_uses_inception_and_its_own_images(tmp_path: 
     assert (refused.returncode, refused.stderr) == (2, (
         "error: --features=fashion uses a Fashion-MNIST classifier (32x32, by class); for "
         "image_folder use --features=inception\n"))
+
+
+def test_the_floor_is_near_zero_for_the_reference_itself_and_positive_for_the_other_split(
+        tiny_data: Path) -> None:
+    cfg = Config(data=DataConfig(root=str(tiny_data)))
+    fc = FidConfig(num_samples=160, batch_size=50, features="fashion", reference="train")
+    itself = fid.real_fid(cfg, fc, "train")  # all 160 training images against themselves
+    other = fid.real_fid(cfg, dataclasses.replace(fc, num_samples=40), "test")
+    assert (itself["num_samples"], other["num_samples"]) == (160, 40)
+    assert other["fid"] > 0.5 and itself["fid"] < 0.01 * other["fid"], (itself, other)
+    with pytest.raises(UserError, match=r"^the test split has 40 images, fewer than the 41 "):
+        fid.real_fid(cfg, dataclasses.replace(fc, num_samples=41), "test")
