@@ -308,7 +308,7 @@ def test_a_run_resumes_on_another_world_size(tiny_data: Path, tmp_path: Path, be
                               "first; e.g. 32"),
     (["train.sample_every=2", "sample.steps=0"],
      "sample.steps=0 must be in 1..1000 (diffusion.steps=1000)"),
-    (["diffusion.steps=100"], "sample.steps=250 must be in 1..100 (diffusion.steps=100)"),
+    (["diffusion.steps=20"], "sample.steps=25 must be in 1..20 (diffusion.steps=20)"),
     (["out_dir=[x"], "override 'out_dir=[x' is not a valid value (expected ',' or ']', but got "
                      "'<stream end>' (line 1, column 3)); quote it if it is a string: "
                      "out_dir='[x'"),
