@@ -1,19 +1,22 @@
-"""FID and class accuracy vs sampler, steps and guidance on a trained run: a table and a plot.
+"""FID and class accuracy vs sampler, evaluations per image and guidance on a trained run.
 
-    python bench/fid_vs_steps.py --run runs/x        # DDPM 1000-25, DDIM 100-10, DPM++/UniPC 25/10
+    python bench/fid_vs_steps.py --run runs/x     # the GRID below, guidance 0/1/2, 3 seeds
     python bench/fid_vs_steps.py --run runs/x --quick --out-dir /tmp/q   # a smoke run
     torchrun --nproc_per_node 4 bench/fid_vs_steps.py --run runs/x       # every rank samples
 
-Writes OUT_DIR/evaluation.md (the model, its training budget, the settings and the table) and
-OUT_DIR/fid_vs_steps.png. Every point uses the same seed, hence the same starting noise.
-"""
+Writes OUT_DIR/evaluation.md (the model, its training budget, the settings, the floor of real
+images at the same sample count, and the table) and OUT_DIR/fid_vs_steps.png (a line per sampler
+against evaluations per image). Every point of a seed starts from the same noise; the headline
+rows are repeated on more seeds for their spread."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import datetime
+import math
 import platform
+import statistics
 from pathlib import Path
 from typing import Any, get_args
 
@@ -29,30 +32,40 @@ from ddp_diffusion.precision import resolve_precision
 from ddp_diffusion.sample import load_run
 
 GRID = [("ddpm", 1000), ("ddpm", 250), ("ddpm", 50), ("ddpm", 25), ("ddim", 100), ("ddim", 50),
-        ("ddim", 25), ("ddim", 10), ("dpm++", 25), ("dpm++", 10), ("unipc", 25), ("unipc", 10)]
-GUIDANCES = [0.0, 1.0, 2.0, 4.0]
-QUICK_GRID = [("ddpm", 20), ("ddim", 10), ("ddim", 5), ("dpm++", 5)]
+        ("ddim", 25), ("ddim", 10), ("dpm++", 25), ("dpm++", 10), ("unipc", 25), ("unipc", 10),
+        ("sde-dpm++", 50), ("sde-dpm++", 25), ("sde-dpm++", 10)]
+GUIDANCES = [0.0, 1.0, 2.0]
+# The rows whose spread over sampling seeds the page reports: the reference and the few-step
+# candidates.
+HEADLINE = [("ddpm", 250), ("sde-dpm++", 25), ("dpm++", 25), ("ddim", 25)]
+QUICK_GRID = [("ddpm", 20), ("ddim", 10), ("ddim", 5), ("dpm++", 5), ("sde-dpm++", 5)]
 QUICK_GUIDANCES = [0.0, 2.0]
+QUICK_HEADLINE = [("sde-dpm++", 5)]
 COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
 
 
 def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], rows: list[dict[str, Any]],
-           key: str, configs: list[tuple[str, int]], guidances: list[float]) -> None:
-    """One line chart: `key` per sampler configuration, one line per guidance."""
+           key: str, samplers: list[str], title: str) -> None:
+    """One chart: `key` against network evaluations per image (log scale), a line per sampler."""
     x0, y0, x1, y1 = box
     top = max(r[key] for r in rows) * 1.1 or 1.0
+    evals = sorted({r["steps"] for r in rows})
+    lo, hi = math.log(evals[0]), math.log(evals[-1])
+
+    def x_of(n: int) -> float:
+        return x0 + 20 + (x1 - x0 - 40) * ((math.log(n) - lo) / (hi - lo) if hi > lo else 0.5)
+
     draw.rectangle(box, outline="black")
-    draw.text((x0, y0 - 16), key, fill="black")
+    draw.text((x0, y0 - 16), title, fill="black")
     for k in range(5):
         y = y1 - (y1 - y0) * k / 4
         draw.line((x0 - 4, y, x0, y), fill="black")
         draw.text((x0 - 44, y - 6), f"{top * k / 4:.3g}", fill="black")
-    xs = [x0 + 30 + (x1 - x0 - 60) * i / max(1, len(configs) - 1) for i in range(len(configs))]
-    for x, (sampler, steps) in zip(xs, configs, strict=True):
-        draw.text((x - 18, y1 + 6), f"{sampler} {steps}", fill="black")
-    for colour, g in zip(COLOURS, guidances, strict=False):
-        pts = [(x, y1 - (y1 - y0) * r[key] / top) for x, c in zip(xs, configs, strict=True)
-               for r in rows if (r["sampler"], r["steps"]) == c and r["guidance"] == g]
+    for n in evals:
+        draw.text((x_of(n) - 8, y1 + 6), str(n), fill="black")
+    for colour, sampler in zip(COLOURS, samplers, strict=False):
+        pts = sorted((x_of(r["steps"]), y1 - (y1 - y0) * r[key] / top)
+                     for r in rows if r["sampler"] == sampler)
         if len(pts) > 1:
             draw.line(pts, fill=colour, width=2)
         for x, y in pts:
@@ -60,24 +73,41 @@ def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], rows: list
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Two panels (FID, class accuracy) over the sampler configurations, a line per guidance."""
-    configs = list(dict.fromkeys((r["sampler"], r["steps"]) for r in rows))
-    guidances = list(dict.fromkeys(r["guidance"] for r in rows))
-    img = Image.new("RGB", (1100, 420), "white")
+    """FID and class accuracy against evaluations per image, a line per sampler, a row of the
+    two panels per guidance (the first seed's rows)."""
+    rows = [r for r in rows if r["seed"] == rows[0]["seed"]]
+    samplers = list(dict.fromkeys(r["sampler"] for r in rows))
+    guidances = sorted({r["guidance"] for r in rows})
+    img = Image.new("RGB", (1100, 380 * len(guidances) + 60), "white")
     draw = ImageDraw.Draw(img)
-    _panel(draw, (70, 40, 520, 360), rows, "fid", configs, guidances)
-    _panel(draw, (620, 40, 1070, 360), rows, "class_accuracy", configs, guidances)
-    for i, (colour, g) in enumerate(zip(COLOURS, guidances, strict=False)):
-        draw.line((70 + 130 * i, 400, 95 + 130 * i, 400), fill=colour, width=3)
-        draw.text((100 + 130 * i, 394), f"guidance {g:g}", fill="black")
+    for i, g in enumerate(guidances):
+        sub, top = [r for r in rows if r["guidance"] == g], 40 + 380 * i
+        _panel(draw, (70, top, 520, top + 320), sub, "fid", samplers,
+               f"FID, guidance {g:g} (x: network evaluations per image)")
+        _panel(draw, (620, top, 1070, top + 320), sub, "class_accuracy", samplers,
+               f"class accuracy, guidance {g:g}")
+    for i, (colour, sampler) in enumerate(zip(COLOURS, samplers, strict=False)):
+        y = 380 * len(guidances) + 30
+        draw.line((70 + 150 * i, y, 95 + 150 * i, y), fill=colour, width=3)
+        draw.text((100 + 150 * i, y - 6), sampler, fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
 
 
+def spread(rows: list[dict[str, Any]], r: dict[str, Any]) -> str:
+    """'mean ± sd (n seeds)' of the FID of a configuration over the seeds measured, or ''."""
+    fids = [o["fid"] for o in rows if (o["sampler"], o["steps"], o["guidance"])
+            == (r["sampler"], r["steps"], r["guidance"])]
+    if len(fids) < 2:
+        return ""
+    return f"{statistics.mean(fids):.3f} ± {statistics.stdev(fids):.3f} ({len(fids)} seeds)"
+
+
 def report(rows: list[dict[str, Any]], about: dict[str, Any], png: Path) -> str:
     """The markdown page: what was measured on what, then the table and the plot."""
+    first = [r for r in rows if r["seed"] == rows[0]["seed"]]
     lines = [
-        "# Evaluation: FID and class accuracy vs sampling steps and guidance", "",
+        "# Evaluation: FID and class accuracy vs sampler, evaluations per image and guidance", "",
         f"Written by `bench/fid_vs_steps.py` on {about['date']} ({about['device']}, world size "
         f"{rows[0]['world_size']}, sampling in {rows[0]['precision']}"
         f"{', **quick mode**' if about['quick'] else ''}).", "",
@@ -87,19 +117,24 @@ def report(rows: list[dict[str, Any]], about: dict[str, Any], png: Path) -> str:
         f"images, global batch {about['batch']})",
         f"- FID: {rows[0]['num_samples']} generated images (balanced classes) against the "
         f"{rows[0]['reference_samples']} real {rows[0]['reference']} images, "
-        f"`{rows[0]['features']}` features; seed {rows[0]['seed']}, DDIM eta {rows[0]['eta']}",
+        f"`{rows[0]['features']}` features; seed {rows[0]['seed']}, DDIM eta {rows[0]['eta']}; "
+        "every step is one network evaluation per image (the guided conditional and "
+        "unconditional branch run as one batch). FIDs are comparable only at the same sample "
+        "count and features",
         "- class accuracy: the fraction of generated images the shipped classifier assigns to "
         "the requested class",
         (f"- floor: {about['floor']['num_samples']} real {about['floor']['split']} images score "
          f"FID {about['floor']['fid']:.3f} against the same reference with the same features: "
          "what a perfect model would score at this sample count" if about["floor"] else
          "- floor: not measured (the other split has fewer images than the sample count)"), "",
-        "| sampler | steps | guidance | FID | class accuracy | samples/s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| sampler | evaluations | guidance | FID | FID over seeds | class accuracy | "
+        "samples/s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     lines += [f"| {r['sampler']} | {r['steps']} | {r['guidance']:g} | {r['fid']:.3f} | "
-              f"{r['class_accuracy']:.3f} | {r['samples_per_s']:.1f} |" for r in rows]
-    lines += ["", f"![FID and class accuracy vs steps]({png.name})", ""]
+              f"{spread(rows, r)} | {r['class_accuracy']:.3f} | {r['samples_per_s']:.1f} |"
+              for r in first]
+    lines += ["", f"![FID and class accuracy vs evaluations per image]({png.name})", ""]
     return "\n".join(lines)
 
 
@@ -113,6 +148,8 @@ def main() -> None:
     parser.add_argument("--reference", choices=("train", "test"), default="train")
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, default=3, help="sampling seeds (seed, seed+1, ...) "
+                        f"for the headline rows {HEADLINE}; the others use --seed")
     parser.add_argument("--quick", action="store_true",
                         help=f"only {QUICK_GRID} at guidance {QUICK_GUIDANCES}")
     parser.add_argument("--out-dir", default="docs")
@@ -155,20 +192,24 @@ def main() -> None:
                   flush=True)
         rows: list[dict[str, Any]] = []
         # Cheapest first, and the page is rewritten after every point: a run stopped early
-        # still leaves every finished point on disk.
-        for sampler, steps in sorted(grid, key=lambda c: c[1]):
-            for g in guidances:
-                fc = dataclasses.replace(base, sampler=sampler, steps=steps, guidance=g)
-                rows.append(evaluate(denoiser, diffusion, cfg, fc, args.seed, precision))
-                if env.is_main:
-                    r = rows[-1]
-                    print(f"{sampler} {steps:4d} g={g:g}: FID {r['fid']:.3f}, class accuracy "
-                          f"{r['class_accuracy']:.3f}, {r['samples_per_s']:.1f} samples/s",
-                          flush=True)
-                    rows.sort(key=lambda r: (grid.index((r["sampler"], r["steps"])),
-                                             r["guidance"]))
-                    plot(rows, png)
-                    (out / "evaluation.md").write_text(report(rows, about, png))
+        # still leaves every finished point on disk. Then the headline rows on more seeds.
+        points = [(sampler, steps, g, args.seed)
+                  for sampler, steps in sorted(grid, key=lambda c: c[1]) for g in guidances]
+        headline = QUICK_HEADLINE if args.quick else HEADLINE
+        points += [(sampler, steps, g, args.seed + k) for k in range(1, args.seeds)
+                   for sampler, steps in headline if (sampler, steps) in grid for g in guidances]
+        for sampler, steps, g, seed in points:
+            fc = dataclasses.replace(base, sampler=sampler, steps=steps, guidance=g)
+            rows.append(evaluate(denoiser, diffusion, cfg, fc, seed, precision))
+            if env.is_main:
+                r = rows[-1]
+                print(f"{sampler} {steps:4d} g={g:g} seed {seed}: FID {r['fid']:.3f}, class "
+                      f"accuracy {r['class_accuracy']:.3f}, {r['samples_per_s']:.1f} samples/s",
+                      flush=True)
+                rows.sort(key=lambda r: (r["seed"] != args.seed,
+                                         grid.index((r["sampler"], r["steps"])), r["guidance"]))
+                plot(rows, png)
+                (out / "evaluation.md").write_text(report(rows, about, png))
         if env.is_main:
             print(f"wrote {out / 'evaluation.md'} and {png}")
     finally:

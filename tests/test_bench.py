@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, TINY, cli_env, run_cli
+from PIL import Image
 
 from ddp_diffusion import checkpoint
 from ddp_diffusion.config import ModelConfig
@@ -129,3 +130,21 @@ def test_loader_benchmark_measures_delivery_training_and_waiting(tmp_path: Path)
                                                   / result["per_worker"])
     assert result["model_gflop"] == pytest.approx(11.85, rel=0.01)  # image_folder.yaml's UNet
     assert "| 1 | " in (tmp_path / "loader_throughput.md").read_text()
+
+
+def test_fid_vs_steps_quick_page_has_the_floor_the_seed_spread_and_a_plot_per_guidance(
+        tiny_data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run_cli("train", *TINY, f"out_dir={run}", f"data.root={tiny_data}", "train.max_steps=5")
+    proc = subprocess.run(
+        [sys.executable, "bench/fid_vs_steps.py", "--run", str(run), "--quick", "--num-samples",
+         "20", "--batch-size", "10", "--seeds", "2", "--out-dir", str(tmp_path / "out")],
+        capture_output=True, text=True, cwd=REPO, env=cli_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    page = (tmp_path / "out" / "evaluation.md").read_text()
+    rows = [line for line in page.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 1 + 5 * 2  # header, then 5 quick configurations x guidance 0 and 2
+    assert "- floor: 20 real test images score FID " in page
+    seeded = [r for r in rows if "(2 seeds)" in r]
+    assert [r.split(" | ")[0] for r in seeded] == ["| sde-dpm++"] * 2  # the headline row only
+    assert Image.open(tmp_path / "out" / "fid_vs_steps.png").size == (1100, 380 * 2 + 60)
