@@ -5,7 +5,13 @@ permutation(seed, e), and every random draw (timesteps, noise, label dropout, th
 model's dropout masks, flips) is made for the whole global batch from a generator seeded by
 (seed, s). Each rank takes its slice of the indices and of the draws, so any world size, any
 number of accumulation micro-steps and any number of loader workers see the same samples and
-noise, and a run resumed at step s, on any world size, continues exactly.
+noise, and a run resumed at step s, on any world size, continues exactly. The data order is
+drawn on the CPU, the same on any device; the draws come from the training device's generator,
+so a GPU draws other noise than a CPU from the same seed.
+
+No step makes the host wait for the device: the order moves to the device once an epoch, the
+stream loader's workers draw their steps' indices themselves, and pixels and labels are copied
+from pinned memory without blocking.
 
 Two loaders share this plan behind one interface, `micro_batches(step)`:
 - `MemoryLoader` keeps every image on the device (right for small sets);
@@ -19,12 +25,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from ddp_diffusion.config import Config
 from ddp_diffusion.errors import UserError
@@ -90,20 +95,26 @@ class StepPlan:
         self.device, self.hflip = device, hflip
         self.steps_per_epoch = num_images // batch_size  # drop the ragged tail of each epoch
         self._gen = torch.Generator(device=device)
-        self._perms: dict[int, Tensor] = {}  # the last two epochs' (the stream loader's sampler
-        # runs ahead of training, across an epoch boundary)
+        # The data order is drawn on the CPU, whatever the device: the stream loader's workers
+        # draw it without a device, and a run's order does not change when it moves to a GPU.
+        self._perm_gen = torch.Generator()
+        self._perms: dict[int, Tensor] = {}  # the last two epochs' (the stream loader runs
+        # ahead of training, across an epoch boundary)
 
     def position(self, step: int) -> tuple[int, int]:
         """(epoch, batch index within the epoch) of a global step."""
         return divmod(step, self.steps_per_epoch)
 
     def indices(self, step: int) -> Tensor:
-        """Indices into the set of the global batch of a step (on the plan's device)."""
+        """Indices into the set of the global batch of a step, on the plan's device (copied
+        there once an epoch, without waiting for the device)."""
         epoch, index = self.position(step)
         if epoch not in self._perms:
-            self._gen.manual_seed(derive_seed(self.seed, "perm", epoch))
-            self._perms[epoch] = torch.randperm(self.num_images, generator=self._gen,
-                                                device=self.device)
+            self._perm_gen.manual_seed(derive_seed(self.seed, "perm", epoch))
+            perm = torch.randperm(self.num_images, generator=self._perm_gen)
+            if self.device.type == "cuda":
+                perm = perm.pin_memory()
+            self._perms[epoch] = perm.to(self.device, non_blocking=True)
             self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
         return self._perms[epoch][index * self.batch_size:(index + 1) * self.batch_size]
 
@@ -174,11 +185,13 @@ class StreamLoader(_Loader):
                  num_workers: int) -> None:
         super().__init__(plan, (source.channels, source.image_size, source.image_size), rank,
                          world_size, accum, num_timesteps, cfg_dropout)
-        self.labels = source.labels
         self.next_step = start_step
-        loader = DataLoader(Reader(source), batch_sampler=_Steps(self, start_step, max_steps),
-                            num_workers=num_workers, collate_fn=collate,
-                            pin_memory=plan.device.type == "cuda",
+        # The workers draw each step's indices themselves, from a CPU copy of the plan: the
+        # training process hands them a step number and never reads a tensor back for it.
+        steps = StepImages(source, StepPlan(plan.num_images, plan.batch_size, plan.seed,
+                                            torch.device("cpu")), self.lo, self.per_rank)
+        loader = DataLoader(steps, sampler=range(start_step, max_steps), batch_size=None,
+                            num_workers=num_workers, pin_memory=plan.device.type == "cuda",
                             prefetch_factor=4 if num_workers else None)
         self._batches = iter(loader)
 
@@ -187,28 +200,26 @@ class StreamLoader(_Loader):
             raise RuntimeError(f"stream loader asked for step {step}, expected {self.next_step}")
         self.next_step += 1
         t0 = time.perf_counter()
-        pixels = next(self._batches)
+        item = next(self._batches)
         self.waited_s += time.perf_counter() - t0
-        if isinstance(pixels, str):  # a file went bad since the check: this step fails
-            raise UserError(pixels)
-        idx = self.rank_indices(step).cpu()
-        return self.assemble(step, pixels.to(self.plan.device, non_blocking=True),
-                             self.labels[idx].to(self.plan.device))
+        if isinstance(item, str):  # a file went bad since the check: this step fails
+            raise UserError(item)
+        pixels, labels = (t.to(self.plan.device, non_blocking=True) for t in item)
+        return self.assemble(step, pixels, labels)
 
 
-class _Steps:
-    """The stream loader's batch sampler: this rank's indices of each step, in step order.
-    DataLoader asks for them ahead of training, as far as its prefetch reaches."""
+class StepImages(Dataset):
+    """Item s: this rank's uint8 images and labels of step s, or the one-line error of a file
+    that went bad (raised by the training process, so the user sees the line)."""
 
-    def __init__(self, loader: StreamLoader, start_step: int, max_steps: int) -> None:
-        self.loader, self.steps = loader, range(start_step, max_steps)
+    def __init__(self, source: Source, plan: StepPlan, lo: int, per_rank: int) -> None:
+        self.reader, self.labels, self.plan = Reader(source), source.labels, plan
+        self.lo, self.per_rank = lo, per_rank
 
-    def __len__(self) -> int:
-        return len(self.steps)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for step in self.steps:
-            yield self.loader.rank_indices(step).tolist()
+    def __getitem__(self, step: int) -> tuple[Tensor, Tensor] | str:
+        idx = self.plan.indices(step)[self.lo:self.lo + self.per_rank]
+        pixels = collate([self.reader[i] for i in idx.tolist()])
+        return pixels if isinstance(pixels, str) else (pixels, self.labels[idx])
 
 
 def make_loader(source: Source, cfg: Config, rank: int, world_size: int, device: torch.device,

@@ -41,6 +41,26 @@ def clamp_unit(x: Tensor) -> Tensor:
     return x.clamp(-1.0, 1.0)
 
 
+class DeviceSchedule(DiscreteGaussianSchedule):
+    """torchmultimodal's schedule, read without making the host wait for the device.
+
+    Its lookup asks `(t != t.floor()).any()` on every read, to interpolate fractional steps: a
+    host read of a device tensor, about 12 per training step with the hybrid loss, each one a
+    full pipeline drain on a GPU. Integer steps, all that training and our samplers use, index
+    the table directly here (the same values as its gather, bit for bit; each table moves to
+    the device once); fractional steps still interpolate as before.
+    """
+
+    def __call__(self, var_name: str, t: Tensor, shape: torch.Size | Tensor) -> Tensor:
+        if t.is_floating_point():
+            return super().__call__(var_name, t, shape)
+        table = getattr(self, var_name)
+        if table.device != t.device:
+            table = table.to(t.device)
+            setattr(self, var_name, table)
+        return table[t].reshape(t.numel(), *((1,) * (len(shape) - 1)))
+
+
 class ConsistentNoisePredictor(NoisePredictor):
     """NoisePredictor whose noise estimate agrees with the clamped x0, as improved-diffusion does.
 
@@ -168,7 +188,7 @@ class Diffusion:
         self.cfg = cfg
         betas = (linear_beta_schedule(cfg.steps) if cfg.beta_schedule == "linear"
                  else cosine_beta_schedule(cfg.steps))
-        self.schedule = DiscreteGaussianSchedule(betas)
+        self.schedule = DeviceSchedule(betas)
         self.predictor = ConsistentNoisePredictor(self.schedule,
                                                   clamp_unit if cfg.clamp_x0 else None)
         self.hybrid = DiffusionHybridLoss(self.schedule) if cfg.loss == "hybrid" else None

@@ -79,11 +79,12 @@ def run_cli(*args: str, check: bool = True, timeout: float = 600,
     return proc
 
 
-def torchrun_cmd(nproc: int, *args: str, max_restarts: int = 0) -> list[str]:
-    """The command line of a real torchrun launch of the trainer on this machine."""
+def torchrun_cmd(nproc: int, *args: str, max_restarts: int = 0,
+                 entry: tuple[str, ...] = ("-m", "ddp_diffusion")) -> list[str]:
+    """The command line of a real torchrun launch of the trainer (or of the script `entry`,
+    which wraps it) on this machine."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={nproc}", f"--max-restarts={max_restarts}",
-            "-m", "ddp_diffusion", *args]
+            f"--nproc_per_node={nproc}", f"--max-restarts={max_restarts}", *entry, *args]
 
 
 def run_torchrun(nproc: int, *args: str, max_restarts: int = 0, check: bool = True,

@@ -260,3 +260,49 @@ def test_deterministic_samplers_treat_each_image_on_its_own() -> None:
                                                                  for k, v in cond.items()})
                      for i in (0, 2)]
         torch.testing.assert_close(whole, torch.cat(parts), rtol=0, atol=1e-9, msg=kind)
+
+
+def torchmultimodal_lookups(cfg: DiffusionConfig) -> Diffusion:
+    """A Diffusion whose schedule reads go through torchmultimodal's own lookup (the one that
+    asks the device whether any step is fractional), as before the direct reads."""
+    from torchmultimodal.diffusion_labs.modules.losses.diffusion_hybrid_loss import (
+        DiffusionHybridLoss,
+    )
+    from torchmultimodal.diffusion_labs.schedules.discrete_gaussian_schedule import (
+        DiscreteGaussianSchedule,
+    )
+
+    old = Diffusion(cfg)
+    old.schedule = DiscreteGaussianSchedule(old.schedule.betas)
+    old.predictor = type(old.predictor)(old.schedule, old.predictor.clamp_func)
+    old.hybrid = DiffusionHybridLoss(old.schedule)
+    return old
+
+
+def test_direct_schedule_reads_equal_torchmultimodal_lookups_in_float64() -> None:
+    """Loss, forward noising, posterior and every sampler: the same numbers, bit for bit."""
+    cfg = DiffusionConfig(steps=100, loss="hybrid")
+    new, old = Diffusion(cfg), torchmultimodal_lookups(cfg)
+    assert type(new.schedule) is not type(old.schedule)
+    torch.manual_seed(0)
+    x0, noise, pred, value = (torch.randn(6, 1, 8, 8, dtype=torch.float64) for _ in range(4))
+    t = torch.tensor([0, 1, 17, 50, 98, 99])
+    out = DiffusionOutput(prediction=pred, variance_value=value.sigmoid())
+    xt = new.q_sample(x0, noise, t)
+    assert torch.equal(xt, old.q_sample(x0, noise, t))
+    assert torch.equal(new.loss(out, x0, xt, noise, t), old.loss(out, x0, xt, noise, t))
+    for a, b in zip(new.schedule.q_posterior(x0, xt, t, value),
+                    old.schedule.q_posterior(x0, xt, t, value), strict=True):
+        assert torch.equal(a, b)
+
+    denoiser = _denoiser(randomize=True).double().eval()
+    cond = denoiser.condition(torch.tensor([0, 3, 7]))
+    start = torch.randn(3, 1, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        for kind in ("ddpm", "ddim", "dpm++", "sde-dpm++", "unipc"):
+            images = []
+            for diffusion in (new, old):
+                torch.manual_seed(1)  # the stochastic samplers draw from the global RNG
+                images.append(diffusion.sampler(denoiser, kind, 10, guidance=2.0)(
+                    start, conditional_inputs=cond))
+            assert torch.equal(*images), kind
