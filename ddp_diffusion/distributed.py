@@ -146,13 +146,17 @@ def run_on_main(is_main: bool, fn: Callable[[], T]) -> T | None:
     return result
 
 
-def mean_across_ranks(t: torch.Tensor) -> torch.Tensor:
-    """Average a tensor over ranks (a collective on the training backend)."""
+def sum_across_ranks(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks (a collective on the training backend)."""
     if dist.is_initialized():
         t = t.clone()
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t /= dist.get_world_size()
     return t
+
+
+def mean_across_ranks(t: torch.Tensor) -> torch.Tensor:
+    """Average a tensor over ranks (a collective on the training backend)."""
+    return sum_across_ranks(t) / dist.get_world_size() if dist.is_initialized() else t
 
 
 def max_across_ranks(t: torch.Tensor) -> None:

@@ -133,11 +133,22 @@ def checksum(module: nn.Module) -> str:
     return h.hexdigest()
 
 
+class RankFID(FrechetInceptionDistance):
+    """torchmetrics' FID on a rank that may have no images to add.
+
+    With more ranks than sample chunks, a rank generates nothing and never calls update(),
+    which is where torchmetrics records the dtype compute() returns in (compute() then fails
+    on that rank). Its zero statistics are right as they are for the sum over ranks; only that
+    dtype needs a default: our extractors' features are float32.
+    """
+
+    orig_dtype = torch.float32
+
+
 def new_metric(extractor: nn.Module, sync: bool = True) -> FrechetInceptionDistance:
     """torchmetrics' FID on a custom extractor; it keeps the real statistics across resets, and
     compute() sums the statistics over ranks unless `sync` is off."""
-    metric = FrechetInceptionDistance(feature=extractor, reset_real_features=False,
-                                      sync_on_compute=sync)
+    metric = RankFID(feature=extractor, reset_real_features=False, sync_on_compute=sync)
     return metric.to(next(extractor.parameters()).device)
 
 
@@ -257,7 +268,8 @@ def evaluate(denoiser: ConditionalDenoiser, diffusion: Diffusion, cfg: Config, f
                 counts += torch.stack([(classifier(pixels).argmax(1) == labels).sum().double(),
                                        torch.tensor(len(labels), dtype=torch.float64,
                                                     device=device)])
-    counts = distributed.mean_across_ranks(counts)  # all ranks finished generating here
+    # Sums of whole numbers: exact, so the accuracy is the same for any world size.
+    counts = distributed.sum_across_ranks(counts)  # all ranks finished generating here
     gen_s = time.perf_counter() - t0
     fid = float(metric.compute())  # a collective: sums the statistics over ranks
     all_digests = {k: v for d in distributed.all_gather_objects(digests) for k, v in d.items()}

@@ -187,6 +187,38 @@ def test_same_samples_and_fid_for_world_size_1_and_2(trained_run: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("num_samples", [16, 40], ids=["2-chunks-on-3-ranks", "5-chunks-uneven"])
+def test_3_ranks_with_fewer_or_uneven_chunks_give_the_one_rank_result(trained_run: Path,
+                                                                      num_samples: int) -> None:
+    """A rank with no chunk adds nothing, yet joins the sum over ranks (it used to crash)."""
+    args = [*FID_ARGS, "--num-samples", str(num_samples)]  # the later flag wins
+    one = json.loads(run_cli("fid", "--run", str(trained_run), *args).stdout)
+    three = json.loads(run_torchrun(3, "fid", "--run-dir", str(trained_run), *args).stdout)
+    assert (one["world_size"], three["world_size"]) == (1, 3)
+    assert three["num_samples"] == one["num_samples"] == num_samples
+    assert three["samples_sha256"] == one["samples_sha256"]
+    assert three["class_accuracy"] == one["class_accuracy"]
+    assert three["fid"] == pytest.approx(one["fid"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_in_training_fid_on_more_ranks_than_chunks_equals_the_fid_command(tiny_data: Path,
+                                                                           tmp_path: Path) -> None:
+    out = tmp_path / "three"
+    fid_settings = ("--num-samples", "20", "--batch-size", "10", "--steps", "3")  # 2 chunks
+    run_torchrun(3, "train", *TINY, f"out_dir={out}", f"data.root={tiny_data}",
+                 "train.batch_size=24", "train.max_steps=5", "fid.every=5",
+                 "fid.num_samples=20", "fid.batch_size=10", "fid.steps=3")
+    logged = next(json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+                  if "fid" in json.loads(line))
+    # The same EMA weights, seed, settings and precision, evaluated again by one process.
+    again = json.loads(run_cli("fid", "--run", str(out), *fid_settings).stdout)
+    assert logged["step"] == again["step"] == 5
+    assert logged["fid"] == pytest.approx(again["fid"], rel=1e-5)
+    assert logged["class_accuracy"] == again["class_accuracy"]
+
+
+@pytest.mark.slow
 def test_in_training_fid_under_torchrun_matches_one_process(trained_run: Path, tiny_data: Path,
                                                              tmp_path: Path) -> None:
     out = tmp_path / "two"
