@@ -83,6 +83,7 @@ class TrainConfig:
     lock_wait_s: float = 300.0  # a requeued job waits this long for its predecessor's lock
     max_nonfinite: int = 5  # abort after this many non-finite losses in a row
     sync_every: int = 10  # the host waits for the device (stop agreement, non-finite report)
+    deterministic: bool = False  # deterministic kernels, no cuDNN autotuning: bitwise on CUDA
     peak_tflops: float = 0.0  # per device, for the logged fraction of peak; 0 = GPU table
     num_threads: int = 0  # CPU threads per rank; 0 = cores / local ranks
     profile_steps: int = 0  # torch.profiler over this many steps -> out_dir/profile.txt

@@ -50,12 +50,26 @@ def available_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def init(num_threads: int = 0) -> DistEnv:
+def set_determinism(deterministic: bool) -> None:
+    """Deterministic kernels only (a run repeats bit for bit on the same GPU model and software),
+    or the fastest ones: cuDNN picks its fastest algorithm per shape by timing them (autotuning),
+    and some CUDA backward kernels add with atomics, in whatever order threads arrive."""
+    if deterministic:
+        # cuBLAS reduces in a fixed order only with a fixed workspace; read when its first
+        # handle is made, so before any CUDA work.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic  # shapes never change: tune once
+
+
+def init(num_threads: int = 0, deterministic: bool = False) -> DistEnv:
     """Join the process group described by RANK/WORLD_SIZE/LOCAL_RANK (torchrun sets them).
 
     nccl with one GPU per LOCAL_RANK on CUDA machines, gloo on CPU. On CPU each rank gets
     cores / local ranks threads: 2 ranks x 1 thread beat 1 rank x 2 threads here.
     """
+    set_determinism(deterministic)
     global _control_group
     env = DistEnv(
         rank=_env_int("RANK", 0),
@@ -66,10 +80,9 @@ def init(num_threads: int = 0) -> DistEnv:
     if torch.cuda.is_available():
         env.device = torch.device("cuda", env.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(env.device)
-        # TF32 for fp32 matmuls and convolutions, and cuDNN autotuning: shapes never change.
+        # TF32 for fp32 matmuls and convolutions (deterministic too).
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
     else:
         threads = num_threads or max(1, available_cpus() // env.local_world_size)
         torch.set_num_threads(threads)

@@ -269,7 +269,7 @@ def train(cfg: Config) -> int:
     stop = distributed.StopRequest()  # before the rendezvous, which can take minutes
     lock = rundir.RunLock(Path(cfg.out_dir))
     try:
-        env = distributed.init(cfg.train.num_threads)
+        env = distributed.init(cfg.train.num_threads, cfg.train.deterministic)
         if not env.is_main:
             logging.getLogger("ddp_diffusion").setLevel(logging.WARNING)  # other ranks stay quiet
         return _train(cfg, env, stop, lock)

@@ -1,13 +1,16 @@
-"""DDP under real torchrun (gloo) against one process, and gradient accumulation."""
+"""DDP under real torchrun (gloo) against one process, gradient accumulation, and the
+deterministic-kernels switch."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import TINY, final_state, max_weight_diff, run_cli, run_torchrun
 
+from ddp_diffusion import distributed
 from ddp_diffusion.config import from_dict
 from ddp_diffusion.model import build_denoiser
 
@@ -50,3 +53,17 @@ def test_gradient_accumulation_equals_full_batch(tiny_data: Path, tmp_path: Path
     assert diff < ATOL, diff
     full, accum = final_state(tmp_path / "full"), final_state(tmp_path / "accum")
     assert full["progress"]["images_seen"] == accum["progress"]["images_seen"] == 6 * 16
+
+
+def test_train_deterministic_switches_every_source_of_kernel_nondeterminism(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        distributed.set_determinism(True)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        distributed.set_determinism(False)  # the default: autotuned, atomics allowed
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
