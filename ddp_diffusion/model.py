@@ -106,44 +106,73 @@ def zero_init(module: nn.Module) -> nn.Module:
     return module
 
 
-UINT32 = 0xFFFFFFFF
+_M2 = 0x846CA68B - 2**32  # lowbias32's second multiplier as the int32 with the same bits
+_GOLDEN64 = 0x9E3779B97F4A7C15 - 2**64  # odd 64-bit multiplier (2**64 / golden ratio), signed
 
 
-def _mul32(x: Tensor, c: int) -> Tensor:
-    """(x * c) mod 2**32 for int64 tensors holding uint32 values, with no int64 overflow."""
-    return (x * (c & 0xFFFF) + ((x * (c >> 16)) & 0xFFFF) * 65536) & UINT32
-
-
-def hash32(x: Tensor) -> Tensor:
-    """Wellons' lowbias32 integer hash, element-wise, on int64 tensors holding uint32 values."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+def lowbias32(x: Tensor) -> Tensor:
+    """Wellons' lowbias32 integer hash, element-wise, on int32 tensors (the uint32 bit patterns)."""
+    # int32 multiplies wrap mod 2**32 (CPU and CUDA); `>>` is arithmetic, so the mask makes it
+    # the logical shift the hash is defined with
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * 0x7FEB352D
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * _M2
+    return x ^ ((x >> 16) & 0xFFFF)
 
 
 class KeyedDropout(nn.Module):
     """Dropout whose mask for a sample depends only on that sample's key, this layer's salt and
     the element's position: the data pipeline draws one key per sample from (seed, step, index
     in the global batch), so a sample gets the same mask at any world size and in any
-    micro-batch, and a resume on another world size stays exact. The identity in eval mode."""
+    micro-batch, and a resume on another world size stays exact. The identity in eval mode.
+
+    The element at flat position i of a sample with key k is kept (and scaled by 1 / (1 - p))
+    when M2 * xorshift16(a + P[i] * t) >= round(p * 2**32) - 2**31, in int32 arithmetic mod
+    2**32, with M2 lowbias32's second multiplier and xorshift16(h) = h ^ (h >>> 16). P[i] =
+    lowbias32(lowbias32(i) ^ lowbias32(salt)) is a per-layer table made once per shape and
+    device, and (a, t) are the high word and the low word (made odd) of k * GOLDEN64 mod 2**64.
+    Keys should be below 2**32 (the pipeline's are below 2**31): above, two keys that differ
+    only in high bits may get correlated masks."""
 
     def __init__(self, p: float, salt: int) -> None:
         super().__init__()
         self.p = p
         self.salt = salt
+        # Not buffers: checkpoints stay as they were and the table is rebuilt on any device.
+        self._tables: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
+
+    def _table(self, shape: tuple[int, ...], device: torch.device) -> Tensor:
+        """P: the int32 hash of (salt, position) for one sample's elements."""
+        position = lowbias32(torch.arange(math.prod(shape), dtype=torch.int32, device=device))
+        salt = lowbias32(torch.tensor(self.salt, dtype=torch.int32, device=device))
+        return lowbias32(position ^ salt).view(shape)
 
     def forward(self, x: Tensor, keys: Tensor | None) -> Tensor:
         if not self.training or self.p == 0:
             return x
         if keys is None:
             raise ValueError("model dropout in training needs the batch's per-sample keys")
-        per_sample = hash32((keys.long() ^ self.salt) & UINT32)
-        position = torch.arange(x[0].numel(), device=x.device)
-        bits = hash32(per_sample[:, None] ^ position[None])
-        keep = (bits >= round(self.p * 2**32)).view(x.shape)
-        return x * keep.to(x.dtype) / (1 - self.p)
+        shape = tuple(x.shape[1:])
+        if torch.compiler.is_compiling():  # traced: the table is fused into the kernel
+            table = self._table(shape, x.device)
+        else:  # eager: hashed once, then read (4 bytes an element of one sample)
+            table = self._tables.get((shape, x.device))
+            if table is None:
+                table = self._tables[shape, x.device] = self._table(shape, x.device)
+        # Per sample (b elements): two 32-bit words of a 64-bit multiply. a enters added and t
+        # multiplied, so two keys whose t differ only in high bits (which a multiply spreads
+        # upwards only) still differ in a, and their masks stay independent.
+        z = keys.long().view(-1, *[1] * len(shape)) * _GOLDEN64 | 1
+        a, t = (z >> 32).to(torch.int32), z.to(torch.int32)  # to(int32) keeps the low word
+        # Full size, in place where it can be: the hash is a bijection of a + P * t (uniform
+        # since t is odd), so the threshold keeps a fraction 1 - p to within 2**-32.
+        h = torch.addcmul(a, table, t)
+        h ^= (h >> 16).bitwise_and_(0xFFFF)
+        h *= _M2
+        keep = h >= min(round(self.p * 2**32) - 2**31, 2**31 - 1)
+        # x * keep, not where/masked_fill: those were 1.2-1.4x slower on CPU
+        return x.mul(keep).mul_(1 / (1 - self.p))
 
 
 class ResBlock(nn.Module):
