@@ -8,7 +8,8 @@ and the ranks agree on stop signals over a CPU collective. Between sync points t
 queues work. The cost shows where steps are short: a small model on a GPU, whose kernels the
 host would otherwise queue ahead. Every run logs once per `--log-every` steps (also a sync point,
 so it must be a multiple of every value) and the images/s of each interval after the first is
-one sample. Writes OUT/sync_every_<device>.json and .md.
+one sample. Writes OUT/sync_every_<device>.json and .md after every run (the rows so far),
+so a run cut short by a time limit keeps what finished.
 """
 
 from __future__ import annotations
@@ -46,13 +47,22 @@ def run(cfg_path: Path, overrides: list[str], ranks: int, steps: int, log_every:
     return [r["images_per_s"] for r in records[1:]]
 
 
+def rows(values: list[int], samples: dict[int, list[float]]) -> list[dict[str, Any]]:
+    """Median and spread of images/s of each value measured so far (the others left out)."""
+    return [{"sync_every": v, "images_per_s": statistics.median(samples[v]),
+             "min": min(samples[v]), "max": max(samples[v]), "samples": samples[v]}
+            for v in values if samples[v]]
+
+
 def markdown(result: dict[str, Any]) -> str:
-    m = result["machine"]
+    """The result as a markdown table plus the machine line."""
+    m, done, planned = result["machine"], result["runs_done"], result["runs_planned"]
+    partial = f" **Partial: {done} of {planned} runs finished.**" if done < planned else ""
     lines = [f"Measured {m['date']} on {m.get('gpu', m['cpu'])} ({m['cores']} CPU cores, "
              f"flags {m['cpu_flags'] or 'none of avx2/avx512_bf16/amx_bf16'}, torch "
              f"{m['torch']}): `{' '.join([result['config'], *result['overrides']])}`, "
              f"{result['ranks']} rank(s), {result['rounds']} rounds of {result['steps']} steps "
-             f"(logged every {result['log_every']}), alternating.", "",
+             f"(logged every {result['log_every']}), alternating.{partial}", "",
              "| train.sync_every | images/s (median) | min–max | vs sync every step |",
              "|---:|---:|---:|---:|"]
     base = result["rows"][0]["images_per_s"]
@@ -82,26 +92,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 2 * args.log_every:
         p.error("--steps must cover at least two logged intervals (2 x --log-every)")
 
+    device = "cuda" if cuda else "cpu"
+    about = {"machine": machine(torch.device(device)), "config": str(args.config.name),
+             "overrides": args.set, "ranks": args.ranks, "steps": args.steps,
+             "log_every": args.log_every, "rounds": args.rounds}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"sync_every_{device}"
     samples: dict[int, list[float]] = {v: [] for v in values}
+    result: dict[str, Any] = {}
+    # Both files are rewritten after every run: a run stopped by a time limit keeps the rest.
+    runs = 0
     with tempfile.TemporaryDirectory(prefix="sync-every-") as tmp:
         for r in range(args.rounds):
             for v in values:
                 rates = run(args.config, [*args.set, f"train.sync_every={v}"], args.ranks,
                             args.steps, args.log_every, Path(tmp) / f"{r}-{v}", args.data_root)
                 samples[v] += rates
+                runs += 1
                 print(f"round {r + 1}/{args.rounds} sync_every={v}: "
                       f"{statistics.median(rates):.1f} images/s", flush=True)
-    device = "cuda" if cuda else "cpu"
-    result = {"machine": machine(torch.device(device)), "config": str(args.config.name),
-              "overrides": args.set, "ranks": args.ranks, "steps": args.steps,
-              "log_every": args.log_every, "rounds": args.rounds,
-              "rows": [{"sync_every": v, "images_per_s": statistics.median(samples[v]),
-                        "min": min(samples[v]), "max": max(samples[v]), "samples": samples[v]}
-                       for v in values]}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"sync_every_{device}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    stem.with_suffix(".md").write_text(markdown(result))
+                result = {**about, "runs_done": runs, "runs_planned": args.rounds * len(values),
+                          "rows": rows(values, samples)}
+                stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+                stem.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
     return 0
 
