@@ -55,6 +55,16 @@ class Batch:
     drop: Tensor  # (b,) bool: replace the label by the null embedding (CFG training)
     keys: Tensor  # (b,) int64: per-sample keys of the model's dropout masks
 
+    @staticmethod
+    def zeros(b: int, image_shape: tuple[int, ...], device: torch.device) -> Batch:
+        """A batch of zeros of training's shapes and dtypes."""
+        def z(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        return Batch(z((b, *image_shape), torch.float32), z((b,), torch.long),
+                     z((b,), torch.long), z((b, *image_shape), torch.float32),
+                     z((b,), torch.bool), z((b,), torch.long))
+
 
 BATCH_FIELDS = tuple(Batch.__dataclass_fields__)
 

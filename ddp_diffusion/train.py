@@ -222,6 +222,32 @@ class LogWindow:
         return out
 
 
+def micro_batch_loss(model: nn.Module, diffusion: Diffusion, mb: Batch, channels_last: bool,
+                     precision: str) -> Tensor:
+    """The diffusion loss of one micro-batch: noise x0 to x_t, predict, compare."""
+    x0 = mb.x0.contiguous(memory_format=torch.channels_last if channels_last
+                          else torch.contiguous_format)
+    with autocast(x0.device, precision):
+        xt = diffusion.q_sample(x0, mb.noise, mb.t)
+        out = model(xt, mb.t, mb.labels, mb.drop, mb.keys)
+        return diffusion.loss(out, x0, xt, mb.noise, mb.t)
+
+
+def settle_ddp_buckets(model: nn.Module, diffusion: Diffusion, zeros: Batch, channels_last: bool,
+                       precision: str) -> None:
+    """One backward of a zero loss through DDP before the first step of this process.
+
+    DDP reduces a process's first backward in one bucket in parameter order and every later one
+    in buckets packed by the order gradients arrived. On three or more ranks an element's sum
+    order depends on its place in the bucket, so a resumed process's first step would round
+    differently from the same step of a run that never stopped. After this, every step of every
+    process reduces in the repacked layout. The gradients are zeros and are dropped; the data
+    pipeline, the optimizer and every seeded draw are untouched."""
+    (micro_batch_loss(model, diffusion, zeros, channels_last, precision) * 0).backward()
+    for p in model.parameters():
+        p.grad = None
+
+
 def train_step(model: nn.Module, no_sync: Callable[[], contextlib.AbstractContextManager],
                diffusion: Diffusion, batches: list[Batch], opt: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, tc: TrainConfig, precision: str
@@ -231,17 +257,11 @@ def train_step(model: nn.Module, no_sync: Callable[[], contextlib.AbstractContex
     Returns the step's mean loss and the gradient norm before clipping, both still on the
     device (no host sync). Gradients are all-reduced on the last micro-batch only.
     """
-    memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
-    device = batches[0].x0.device
-    step_loss = torch.zeros((), device=device)
+    step_loss = torch.zeros((), device=batches[0].x0.device)
     for k, mb in enumerate(batches):
         last = k == len(batches) - 1
-        x0 = mb.x0.contiguous(memory_format=memory_format)
         with contextlib.nullcontext() if last else no_sync():
-            with autocast(device, precision):
-                xt = diffusion.q_sample(x0, mb.noise, mb.t)
-                out = model(xt, mb.t, mb.labels, mb.drop, mb.keys)
-                loss = diffusion.loss(out, x0, xt, mb.noise, mb.t)
+            loss = micro_batch_loss(model, diffusion, mb, tc.channels_last, precision)
             scaler.scale(loss / len(batches)).backward()
         step_loss += loss.detach() / len(batches)
     scaler.unscale_(opt)
@@ -281,7 +301,7 @@ def train(cfg: Config) -> int:
 def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest,
            lock: rundir.RunLock) -> int:
     tc = cfg.train
-    check_batch(tc.batch_size, env.world_size, tc.grad_accum)
+    micro = check_batch(tc.batch_size, env.world_size, tc.grad_accum)
     precision = resolve_precision(tc.precision, env.device)
     if precision == "bf16" and not bf16_is_fast(env.device):
         log.warning("train.precision=bf16 but this %s has no native bf16 convolutions: expect "
@@ -350,6 +370,10 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest,
     if tc.compile:
         train_model = torch.compile(train_model)
     no_sync = ddp.no_sync if ddp is not None else contextlib.nullcontext
+    if ddp is not None:
+        image_shape = (source.channels, cfg.model.image_size, cfg.model.image_size)
+        settle_ddp_buckets(train_model, diffusion, Batch.zeros(micro, image_shape, env.device),
+                           tc.channels_last, precision)
 
     def newest_checkpoint() -> str:
         return str(ckpt.lineage[max(ckpt.lineage)]) if ckpt.lineage else "none"

@@ -68,37 +68,46 @@ def test_sigterm_mid_run_saves_exits_75_and_resumes_exactly(tiny_data: Path,
     assert_same_run(tmp_path / "straight", out)
 
 
+THREE_RANKS = ("train.batch_size=24",)  # 8 a rank; 160 images: 6 steps an epoch, uneven
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_resume_is_bitwise_exact_two_processes(tiny_data: Path, tmp_path: Path,
-                                               precision: str) -> None:
-    p = f"train.precision={precision}"
-    run_torchrun(2, *args(tiny_data, tmp_path / "straight", 8, p))
-    run_torchrun(2, *args(tiny_data, tmp_path / "resumed", 4, p, "train.ckpt_every=100"))
-    run_torchrun(2, *args(tiny_data, tmp_path / "resumed", 8, p, "train.ckpt_every=100"))
+@pytest.mark.parametrize(("ranks", "extra"), [
+    (2, ("train.precision=fp32",)),
+    (2, ("train.precision=bf16",)),
+    (3, ("train.precision=fp32", "train.deterministic=true", *THREE_RANKS)),
+], ids=["2-fp32", "2-bf16", "3-fp32-deterministic"])
+def test_resume_is_bitwise_exact_on_several_processes(tiny_data: Path, tmp_path: Path,
+                                                      ranks: int, extra: tuple[str, ...]) -> None:
+    run_torchrun(ranks, *args(tiny_data, tmp_path / "straight", 8, *extra))
+    run_torchrun(ranks, *args(tiny_data, tmp_path / "resumed", 4, *extra, "train.ckpt_every=100"))
+    run_torchrun(ranks, *args(tiny_data, tmp_path / "resumed", 8, *extra, "train.ckpt_every=100"))
     assert_same_run(tmp_path / "straight", tmp_path / "resumed")
-    assert final_state(tmp_path / "resumed")["world_size"] == 2
+    assert final_state(tmp_path / "resumed")["world_size"] == ranks
 
 
 @pytest.mark.slow
-def test_signal_to_one_rank_stops_all_at_the_same_step(tiny_data: Path, tmp_path: Path) -> None:
-    run_torchrun(2, *args(tiny_data, tmp_path / "straight", 12, *COSINE))
+@pytest.mark.parametrize(("ranks", "extra"), [(2, ()), (3, THREE_RANKS)], ids=["2", "3"])
+def test_signal_to_one_rank_stops_all_at_the_same_step(tiny_data: Path, tmp_path: Path,
+                                                       ranks: int, extra: tuple[str, ...]
+                                                       ) -> None:
+    run_torchrun(ranks, *args(tiny_data, tmp_path / "straight", 12, *COSINE, *extra))
     out = tmp_path / "stopped"
-    launcher = subprocess.Popen(
-        torchrun_cmd(2, *args(tiny_data, out, 12, "train.ckpt_every=1000", *COSINE)),
-        cwd=REPO, env=cli_env(), stderr=subprocess.PIPE, text=True)
+    stopped_args = args(tiny_data, out, 12, "train.ckpt_every=1000", *COSINE, *extra)
+    launcher = subprocess.Popen(torchrun_cmd(ranks, *stopped_args), cwd=REPO, env=cli_env(),
+                                stderr=subprocess.PIPE, text=True)
     wait_for_step(out / "metrics.jsonl", 3, launcher)
     workers = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True)
     pids = sorted(int(p) for p in workers.stdout.split())
-    assert len(pids) == 2
+    assert len(pids) == ranks
     os.kill(pids[-1], signal.SIGUSR1)  # only one rank hears it
     _, err = launcher.communicate(timeout=300)
     assert launcher.returncode != 0, err[-3000:]
-    assert err.count("exitcode  : 75") == 2, err[-3000:]  # both ranks saved and exited 75
+    assert err.count("exitcode  : 75") == ranks, err[-3000:]  # every rank saved and exited 75
     assert "stopped by SIGUSR1 at step" in err and "stopped by another rank's signal" in err
     (stopped_at, _), = checkpoint.list_checkpoints(out / "checkpoints")
     assert 3 <= stopped_at < 12
-    run_torchrun(2, *args(tiny_data, out, 12, "train.ckpt_every=1000", *COSINE))
+    run_torchrun(ranks, *stopped_args)
     assert_same_run(tmp_path / "straight", out)
 
 

@@ -266,23 +266,25 @@ def test_resuming_on_a_changed_folder_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("ranks", [2, 3])
 def test_stream_loader_with_workers_resumes_mid_epoch_exactly_after_sigterm(
-        pets: Path, tmp_path: Path) -> None:
+        pets: Path, tmp_path: Path, ranks: int) -> None:
     data = tmp_path / "data"
-    args = (*STREAM, "train.batch_size=2")  # 12 steps an epoch: a stop before 12 is mid-epoch
-    run_torchrun(2, *folder_args(data, pets, tmp_path / "straight", 20, *args))
+    # One image a rank a step: 24 images are 12 steps an epoch on 2 ranks and 8 on 3.
+    args = (*STREAM, f"train.batch_size={ranks}")
+    run_torchrun(ranks, *folder_args(data, pets, tmp_path / "straight", 20, *args))
     out = tmp_path / "stopped"
-    launcher = subprocess.Popen(torchrun_cmd(2, *folder_args(data, pets, out, 20, *args)),
+    launcher = subprocess.Popen(torchrun_cmd(ranks, *folder_args(data, pets, out, 20, *args)),
                                 cwd=REPO, env=cli_env(), stderr=subprocess.PIPE, text=True)
     wait_for_step(out / "metrics.jsonl", 4, launcher)
     pids = sorted(int(p) for p in subprocess.run(["pgrep", "-P", str(launcher.pid)],
                                                  capture_output=True, text=True).stdout.split())
     os.kill(pids[-1], signal.SIGTERM)  # one rank hears it
     _, err = launcher.communicate(timeout=300)
-    assert err.count("exitcode  : 75") == 2, err[-3000:]
+    assert err.count("exitcode  : 75") == ranks, err[-3000:]
     ((stopped_at, _),) = checkpoint.list_checkpoints(out / "checkpoints")
-    assert 4 <= stopped_at < 12  # mid-epoch; the resumed run then crosses into epoch 2
-    run_torchrun(2, *folder_args(data, pets, out, 20, *args))
+    assert 4 <= stopped_at < 24 // ranks  # mid-epoch; the resumed run then crosses epochs
+    run_torchrun(ranks, *folder_args(data, pets, out, 20, *args))
     assert_same_run(tmp_path / "straight", out)
 
 
