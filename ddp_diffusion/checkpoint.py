@@ -142,7 +142,7 @@ def read(path: Path, tries: int = READ_TRIES) -> dict[str, Any]:
         except pickle.UnpicklingError as e:
             raise CheckpointError(
                 path, "refused, it holds objects other than tensors and plain values "
-                f"(weights_only load): {str(e).splitlines()[0]}") from None
+                f"(weights_only load): {_first_line(e)}") from None
         except OSError as e:
             if attempt == tries:
                 raise CheckpointError(path, f"read error, {tries} tries ({e.strerror or e}); "
@@ -151,12 +151,23 @@ def read(path: Path, tries: int = READ_TRIES) -> dict[str, Any]:
                         e.strerror or e, attempt, tries, delay)
             time.sleep(delay)
             delay *= 2
-        except (RuntimeError, EOFError, ValueError) as e:
+        except Exception as e:  # bytes that are no checkpoint fail in many ways (an empty
+            # file: EOFError; a text file: KeyError; a torn one: RuntimeError)
             raise CheckpointError(path, "unreadable (truncated or corrupt): "
-                                        f"{str(e).splitlines()[0]}") from None
-    if not isinstance(state, dict) or "step" not in state or "model" not in state:
-        raise CheckpointError(path, "not a ddp-diffusion checkpoint")
-    return upgrade(state)
+                                        f"{_first_line(e)}") from None
+    if (not isinstance(state, dict) or "step" not in state or "model" not in state
+            or not isinstance(state.get("config"), dict)):
+        raise CheckpointError(path, "not a ddp-diffusion checkpoint (no step, model or config)")
+    try:
+        return upgrade(state)
+    except (UserError, KeyError, TypeError, ValueError) as e:  # its config, not the user's
+        raise CheckpointError(path, f"its config does not fit this version ({e})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    """An exception's type and the first line of its message."""
+    lines = str(e).splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
 def newest_readable(ckpt_dir: Path) -> tuple[tuple[Path, dict[str, Any]] | None,

@@ -18,17 +18,22 @@ from ddp_diffusion.config import (
     check_finite,
     check_sample,
 )
-from ddp_diffusion.errors import DDPDiffusionError
+from ddp_diffusion.errors import EXIT_INTERRUPTED, DDPDiffusionError
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ddp_diffusion import config, distributed
-    from ddp_diffusion.train import train
+    from ddp_diffusion import signals
 
+    # Before torch is imported (seconds): under torchrun, a rank that fails its config check
+    # first makes torchrun SIGTERM the others, which must then exit with their own error line.
+    stop = signals.StopRequest()
     try:
-        return train(config.load(args.config, args.overrides))
+        from ddp_diffusion import config
+        from ddp_diffusion.train import train
+
+        return train(config.load(args.config, args.overrides), stop)
     finally:
-        distributed.ignore_stop_signals()  # this process only exits from here on
+        signals.ignore_stop_signals()  # this process only exits from here on
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -214,3 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"error: {e}\n")  # one write: ranks' lines never interleave
         sys.stderr.flush()
         return e.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted (Ctrl-C); nothing more was saved. In training, a "
+                         "single Ctrl-C saves a checkpoint first, and the same command resumes\n")
+        return EXIT_INTERRUPTED

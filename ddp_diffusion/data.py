@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ddp_diffusion.config import Config
 from ddp_diffusion.errors import UserError
+from ddp_diffusion.signals import loader_worker_init
 from ddp_diffusion.sources import Reader, Source, collate
 
 log = logging.getLogger("ddp_diffusion")
@@ -79,6 +80,12 @@ def check_batch(batch_size: int, world_size: int, accum: int) -> int:
     return batch_size // (world_size * accum)
 
 
+def check_fits(batch_size: int, num_images: int) -> None:
+    """A global batch no larger than the set, or a clear error."""
+    if batch_size > num_images:
+        raise UserError(f"train.batch_size={batch_size} exceeds the {num_images} images")
+
+
 @dataclass
 class Draws:
     """The random draws of one global batch (or a rank's slice of them)."""
@@ -99,8 +106,7 @@ class StepPlan:
 
     def __init__(self, num_images: int, batch_size: int, seed: int, device: torch.device,
                  hflip: bool = False) -> None:
-        if batch_size > num_images:
-            raise UserError(f"train.batch_size={batch_size} exceeds the {num_images} images")
+        check_fits(batch_size, num_images)
         self.num_images, self.batch_size, self.seed = num_images, batch_size, seed
         self.device, self.hflip = device, hflip
         self.steps_per_epoch = num_images // batch_size  # drop the ragged tail of each epoch
@@ -202,7 +208,8 @@ class StreamLoader(_Loader):
                                             torch.device("cpu")), self.lo, self.per_rank)
         loader = DataLoader(steps, sampler=range(start_step, max_steps), batch_size=None,
                             num_workers=num_workers, pin_memory=plan.device.type == "cuda",
-                            prefetch_factor=4 if num_workers else None)
+                            prefetch_factor=4 if num_workers else None,
+                            worker_init_fn=loader_worker_init)
         self._batches = iter(loader)
 
     def micro_batches(self, step: int) -> list[Batch]:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import datetime
 import os
-import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import FrameType
 from typing import TypeVar
 
 import torch
@@ -16,8 +14,6 @@ import torch.distributed as dist
 from ddp_diffusion.errors import ERRORS, DDPDiffusionError
 
 T = TypeVar("T")
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 @dataclass
@@ -177,35 +173,3 @@ def max_across_ranks(t: torch.Tensor) -> None:
     stream with NCCL, so the host does not wait for it."""
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-
-
-def ignore_stop_signals() -> None:
-    """Ignore stop signals from now on, for a process that is about to exit.
-
-    Interpreter shutdown resets a Python handler to the default action, which kills: torchrun's
-    SIGTERM to the other ranks, sent when the first exits with 75, would then turn a clean exit
-    75 into a death by signal. An ignored signal stays ignored.
-    """
-    for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
-
-
-class StopRequest:
-    """Remembers SIGTERM/SIGUSR1/SIGUSR2 so the trainer finishes its step, saves and exits.
-
-    The handlers stay installed until the process exits: torchrun sends SIGTERM to the other
-    ranks as soon as one exits with 75, and a rank still leaving the process group must not
-    die of it.
-    """
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        for s in STOP_SIGNALS:
-            signal.signal(s, self._handle)
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.signal = signum
-
-    @property
-    def requested(self) -> bool:
-        return self.signal is not None

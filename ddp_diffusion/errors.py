@@ -11,6 +11,7 @@ EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
 EXIT_IO_ERROR = 74  # EX_IOERR: a checkpoint or metrics record could not be written
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving; run again to continue
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C twice (or once outside training), nothing saved
 
 
 class DDPDiffusionError(Exception):

@@ -33,6 +33,7 @@ from torchvision.datasets import CIFAR10, MNIST, FashionMNIST
 
 from ddp_diffusion.config import DataConfig
 from ddp_diffusion.errors import UserError
+from ddp_diffusion.signals import loader_worker_init
 
 log = logging.getLogger("ddp_diffusion")
 
@@ -256,7 +257,7 @@ def read_batches(source: Source, batch_size: int, num_workers: int, keep: bool =
     """Every image of a source in order, in batches read by DataLoader workers; a bad file
     raises its one line (keep=False: decode only, to check every file)."""
     loader = DataLoader(Reader(source, keep), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=collate)
+                        collate_fn=collate, worker_init_fn=loader_worker_init)
     for batch in loader:
         if isinstance(batch, str):
             raise UserError(batch)

@@ -28,10 +28,10 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from ddp_diffusion import checkpoint, config, distributed, rundir
+from ddp_diffusion import checkpoint, config, distributed, rundir, signals
 from ddp_diffusion.checkpoint import CheckpointManager, ResumePlan
 from ddp_diffusion.config import Config, TrainConfig
-from ddp_diffusion.data import Batch, check_batch, make_loader
+from ddp_diffusion.data import Batch, check_batch, check_fits, make_loader
 from ddp_diffusion.diffusion import Diffusion
 from ddp_diffusion.distributed import DistEnv
 from ddp_diffusion.ema import EMA, ema_beta
@@ -284,9 +284,10 @@ def apply_update(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, skip:
     scaler.update()
 
 
-def train(cfg: Config) -> int:
-    """Train as configured; returns the exit code (0 done, 75 stopped by a signal after saving)."""
-    stop = distributed.StopRequest()  # before the rendezvous, which can take minutes
+def train(cfg: Config, stop: signals.StopRequest | None = None) -> int:
+    """Train as configured; returns the exit code (0 done, 75 stopped by a signal after saving).
+    `stop`: the handlers the caller installed already (else installed here)."""
+    stop = stop or signals.StopRequest()  # before the rendezvous, which can take minutes
     lock = rundir.RunLock(Path(cfg.out_dir))
     try:
         env = distributed.init(cfg.train.num_threads, cfg.train.deterministic)
@@ -298,7 +299,7 @@ def train(cfg: Config) -> int:
         distributed.shutdown()
 
 
-def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest,
+def _train(cfg: Config, env: DistEnv, stop: signals.StopRequest,
            lock: rundir.RunLock) -> int:
     tc = cfg.train
     micro = check_batch(tc.batch_size, env.world_size, tc.grad_accum)
@@ -312,6 +313,7 @@ def _train(cfg: Config, env: DistEnv, stop: distributed.StopRequest,
     # Data first (fails fast, every image file checked): it decides the model's input channels
     # and number of classes.
     source = open_source(cfg.data, cfg.model.image_size, cfg.data.num_workers)
+    check_fits(tc.batch_size, len(source))  # before the run directory is touched
     cfg = dataclasses.replace(cfg, model=config.with_data_shape(
         cfg.model, len(source.class_names), source.channels))
 

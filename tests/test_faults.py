@@ -335,6 +335,18 @@ def test_bad_settings_fail_with_one_line_before_any_work(tiny_data: Path, tmp_pa
     assert not out.exists()  # nothing was started
 
 
+def test_a_batch_larger_than_the_data_is_refused_before_an_earlier_run_is_moved(
+        tiny_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run_cli(*train_args(tiny_data, out, 2))
+    before = snapshot(out)
+    proc = run_cli(*train_args(tiny_data, out, 2, "train.resume=never", "train.batch_size=320"),
+                   check=False)
+    assert (proc.returncode, proc.stderr.splitlines()[-1]) == (
+        2, "error: train.batch_size=320 exceeds the 160 images")
+    assert snapshot(out) == before and not (out / "archive").exists()
+
+
 def test_an_out_dir_that_cannot_be_created_fails_with_one_line(tiny_data: Path,
                                                                 tmp_path: Path) -> None:
     (tmp_path / "file").write_text("not a folder")

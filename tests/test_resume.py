@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -50,18 +53,20 @@ def test_resume_is_bitwise_exact_single_process(tiny_data: Path, tmp_path: Path,
     assert_same_run(tmp_path / "straight", tmp_path / "resumed")
 
 
-def test_sigterm_mid_run_saves_exits_75_and_resumes_exactly(tiny_data: Path,
-                                                            tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_stop_signal_mid_run_saves_exits_75_and_resumes_exactly(tiny_data: Path,
+                                                                  tmp_path: Path,
+                                                                  stop: signal.Signals) -> None:
     run_cli(*args(tiny_data, tmp_path / "straight", 12, *COSINE))
     out = tmp_path / "stopped"
     cmd = [sys.executable, "-m", "ddp_diffusion",
            *args(tiny_data, out, 12, "train.ckpt_every=1000", *COSINE)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stderr=subprocess.PIPE, text=True)
     wait_for_step(out / "metrics.jsonl", 3, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(stop)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 75, err[-3000:]
-    assert "stopped by SIGTERM" in err
+    assert f"stopped by {stop.name}" in err and "Traceback" not in err
     (stopped_at, _), = checkpoint.list_checkpoints(out / "checkpoints")
     assert 3 <= stopped_at < 12  # mid-run, not at a checkpoint boundary (ckpt_every=1000)
     run_cli(*args(tiny_data, out, 12, "train.ckpt_every=1000", *COSINE))
@@ -69,6 +74,33 @@ def test_sigterm_mid_run_saves_exits_75_and_resumes_exactly(tiny_data: Path,
 
 
 THREE_RANKS = ("train.batch_size=24",)  # 8 a rank; 160 images: 6 steps an epoch, uneven
+
+
+def test_a_second_ctrl_c_exits_at_once_with_one_line_and_keeps_the_checkpoints(
+        tiny_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run_cli(*args(tiny_data, out, 4))
+    saved = checkpoint.list_checkpoints(out / "checkpoints")
+    # Resumed with no sync point in sight, so the first Ctrl-C's save is far off.
+    quiet = ("train.ckpt_every=100000", "train.sync_every=100000", "train.log_every=100000")
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "ddp_diffusion",
+                                 *args(tiny_data, out, 100000, *quiet)],
+                                cwd=REPO, env=cli_env(), stderr=stderr, text=True)
+        deadline = time.monotonic() + 300
+        while "resuming from" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        time.sleep(1.0)  # training
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=300) == 130, log.read_text()[-3000:]
+    err = log.read_text()
+    assert err.strip().splitlines()[-1].startswith("error: interrupted (Ctrl-C); nothing more")
+    assert "Traceback" not in err
+    assert checkpoint.list_checkpoints(out / "checkpoints") == saved  # what was saved stays
 
 
 @pytest.mark.slow
@@ -167,6 +199,38 @@ def test_truncated_newest_checkpoint_falls_back_to_previous(tiny_data: Path,
     # The torn file was moved aside before step 8 was written again, not overwritten.
     (kept,) = (out / "archive").glob("*/checkpoints/ckpt-00000008.pt")
     assert kept.read_bytes() == torn
+
+
+def _without_config(state: dict) -> dict:
+    return {k: v for k, v in state.items() if k != "config"}
+
+
+def _with_unknown_key(state: dict) -> dict:
+    return {**state, "config": {**state["config"], "train": {**state["config"]["train"],
+                                                             "bogus": 1}}}
+
+
+@pytest.mark.parametrize(("make", "reason"), [
+    (lambda _: b"", "unreadable (truncated or corrupt): EOFError"),
+    (lambda _: b"hello, I am a text file\n", "unreadable (truncated or corrupt): KeyError"),
+    (_without_config, "not a ddp-diffusion checkpoint (no step, model or config)"),
+    (_with_unknown_key, "its config does not fit this version"),
+], ids=["empty", "text", "no-config", "unknown-config-key"])
+def test_a_newest_checkpoint_of_any_shape_is_named_and_the_previous_one_resumed(
+        tiny_data: Path, tmp_path: Path, make: Callable[[dict], object], reason: str) -> None:
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    run_cli(*args(tiny_data, tmp_path / "run", 4))
+    good = checkpoint.path_for(ckpt_dir, 4)
+    newest = checkpoint.path_for(ckpt_dir, 8)
+    content = make(torch.load(good, weights_only=True))
+    if isinstance(content, bytes):
+        newest.write_bytes(content)
+    else:
+        torch.save(content, newest)
+    plan = checkpoint.plan_resume("auto", ckpt_dir)
+    assert plan.path == good and plan.move_aside == [newest]
+    with pytest.raises(CheckpointError, match=re.escape(f"{newest}: {reason}")):
+        checkpoint.read(newest)
 
 
 class _RunsCode:

@@ -288,6 +288,38 @@ def test_stream_loader_with_workers_resumes_mid_epoch_exactly_after_sigterm(
     assert_same_run(tmp_path / "straight", out)
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, as SLURM's process tracking sees a job step's."""
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return [d for c in map(int, children.stdout.split()) for d in (c, *descendants(c))]
+
+
+@pytest.mark.slow
+def test_sigterm_to_every_process_of_a_stream_run_saves_and_resumes_exactly(
+        pets: Path, tmp_path: Path) -> None:
+    """What SLURM does on scancel, preemption and time limit: SIGTERM to every process of the
+    job step, the torchrun agent and the loader workers included (they used to die of it and
+    fail the step before anything was saved)."""
+    data = tmp_path / "data"
+    args = (*STREAM, "train.batch_size=2")
+    run_torchrun(2, *folder_args(data, pets, tmp_path / "straight", 20, *args))
+    out = tmp_path / "stopped"
+    launcher = subprocess.Popen(torchrun_cmd(2, *folder_args(data, pets, out, 20, *args)),
+                                cwd=REPO, env=cli_env(), stderr=subprocess.PIPE, text=True)
+    wait_for_step(out / "metrics.jsonl", 4, launcher)
+    job = descendants(launcher.pid)  # torchrun starts each rank in a process group of its own
+    assert len(job) >= 2 + 2 * 2, job  # ranks and their workers
+    for pid in [launcher.pid, *job]:
+        os.kill(pid, signal.SIGTERM)
+    _, err = launcher.communicate(timeout=300)
+    assert "killed by signal" not in err, err[-3000:]  # no worker died of it
+    assert "stopped by SIGTERM" in err, err[-3000:]
+    ((stopped_at, _),) = checkpoint.list_checkpoints(out / "checkpoints")
+    assert 4 <= stopped_at < 20
+    run_torchrun(2, *folder_args(data, pets, out, 20, *args))
+    assert_same_run(tmp_path / "straight", out)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
 def test_stream_loader_resumes_on_another_world_size(pets: Path, tmp_path: Path, before: int,
