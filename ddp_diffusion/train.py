@@ -313,9 +313,9 @@ def _train(cfg: Config, env: DistEnv, stop: signals.StopRequest,
     # Data first (fails fast, every image file checked): it decides the model's input channels
     # and number of classes.
     source = open_source(cfg.data, cfg.model.image_size, cfg.data.num_workers)
-    check_fits(tc.batch_size, len(source))  # before the run directory is touched
     cfg = dataclasses.replace(cfg, model=config.with_data_shape(
         cfg.model, len(source.class_names), source.channels))
+    check_fits(tc.batch_size, len(source))  # before the run directory is touched
 
     # Rank 0 takes the run directory and picks the checkpoint; every rank then loads that one.
     prepared = distributed.run_on_main(env.is_main, functools.partial(prepare_run_dir, cfg, lock))
