@@ -294,7 +294,7 @@ def test_retention_keeps_last_n_and_milestones_and_no_temp_files(tmp_path: Path)
     manager = CheckpointManager(tmp_path, {"part": part}, keep_last=2, milestone_every=4)
     for step in range(1, 11):
         part.w.fill_(float(step))
-        manager.save(step, {"model": {}})
+        manager.save(step, {"model": {}, "config": {}})
     assert [s for s, _ in checkpoint.list_checkpoints(tmp_path)] == [4, 8, 9, 10]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "ckpt-00000004.pt", "ckpt-00000008.pt", "ckpt-00000009.pt", "ckpt-00000010.pt"]
