@@ -10,7 +10,6 @@ refused. A read that fails with an OSError (EIO, ESTALE on a network file system
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 import re
 import time
@@ -21,8 +20,9 @@ from typing import Any, Protocol
 
 import torch
 
+from ddp_diffusion import files
 from ddp_diffusion.config import flatten, from_dict, to_dict
-from ddp_diffusion.errors import UserError, WriteFailed
+from ddp_diffusion.errors import UserError
 
 log = logging.getLogger("ddp_diffusion")
 NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
@@ -63,48 +63,9 @@ def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
 
 
 def write_atomic(obj: dict[str, Any], path: Path) -> Path:
-    """torch.save to a temp file beside `path`, flush, fsync, rename, fsync the folder.
-
-    On failure (a full disk, an I/O error) the temp file is removed, whatever `path` held before
-    is untouched, and WriteFailed says why.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except (OSError, RuntimeError) as e:
-        tmp.unlink(missing_ok=True)
-        os_error = _os_error(e)
-        reason = os_error.strerror if os_error is not None else str(e).splitlines()[0]
-        free = _free_bytes(path.parent)
-        raise WriteFailed(f"could not write {path} ({reason}; {free / 2**20:.1f} MiB free "
-                          "there)") from None
-    return path
-
-
-def _os_error(e: BaseException | None) -> OSError | None:
-    """The OSError behind an exception (torch.save reports ENOSPC as a RuntimeError whose
-    context is the OSError)."""
-    while e is not None and not (isinstance(e, OSError) and e.strerror):
-        e = e.__cause__ or e.__context__
-    return e
-
-
-def _free_bytes(folder: Path) -> int:
-    try:
-        st = os.statvfs(folder)
-    except OSError:
-        return 0
-    return st.f_bavail * st.f_frsize
+    """torch.save `obj` to `path` whole (files.write_atomic: temp file, fsync, rename); on
+    failure what `path` held is untouched and WriteFailed says why."""
+    return files.write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def upgrade(state: dict[str, Any]) -> dict[str, Any]:

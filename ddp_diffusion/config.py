@@ -17,7 +17,10 @@ from typing import Any, Literal
 
 import yaml
 
+from ddp_diffusion import files
 from ddp_diffusion.errors import UserError
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 @dataclass
@@ -203,12 +206,18 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 value = float(value)
                 if not value.is_integer():
                     raise ValueError
+            if not INT64_MIN <= int(value) <= INT64_MAX:  # torch (seeds, sizes) takes int64
+                raise UserError(f"config key '{key}' must fit in 64 bits (at most "
+                                f"{INT64_MAX}); got {value}")
             return int(value)
         if tp is float:
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
         if tp is str:
+            if value is None or value == "":  # `key:`, `key: ~`, `key: null`: never "None"
+                raise UserError(f"config key '{key}' needs a value; YAML reads an empty value, "
+                                "~ and null as nothing (quote it to mean the text)")
             if isinstance(value, dict | list):
                 raise ValueError
             return str(value)
@@ -252,6 +261,21 @@ def from_dict(data: dict[str, Any]) -> Config:
     return cfg
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' is given twice (which one was meant?)",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _yaml_problem(e: yaml.YAMLError) -> str:
     """A YAML error as one line: what is wrong and where."""
     problem = getattr(e, "problem", None) or str(e).splitlines()[0]
@@ -264,7 +288,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        # A SafeLoader (plain values only, as yaml.safe_load) that also refuses repeated keys.
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
     except UnicodeDecodeError as e:
         raise UserError(f"config file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} "
                         f"at offset {e.start}); save it as UTF-8") from None
@@ -294,7 +319,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
 def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Load a YAML config (defaults when path is None), apply 'a.b=value' overrides, validate."""
     cfg = from_dict(_read_yaml(Path(path)) if path is not None else {})
-    for item in overrides:
+    for item in overrides:  # in order: a later key=value wins, so scripts can append overrides
         set_key(cfg, *_parse_override(item))
     validate(cfg)
     return cfg
@@ -317,8 +342,7 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 def save(cfg: Config, path: Path) -> None:
     """Write the resolved config as YAML."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    files.write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 # ----------------------------------------------------------------------------- validation

@@ -19,10 +19,12 @@ import logging
 import os
 import shutil
 import socket
+import stat
 import time
 from pathlib import Path
 from typing import IO
 
+from ddp_diffusion import files
 from ddp_diffusion.errors import UserError
 
 log = logging.getLogger("ddp_diffusion")
@@ -31,8 +33,15 @@ LOCK_NAME = "train.lock"
 ARCHIVE = "archive"
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
+CONFIG = "config.yaml"
+SAMPLES = "samples"
 # What makes up a run besides its checkpoints (moved together when a new run starts).
-RUN_FILES = (METRICS, "config.yaml", "samples")
+RUN_FILES = (METRICS, CONFIG, SAMPLES)
+# What the trainer writes in out_dir: folders (which may be the user's own links to another
+# disk) and files (never followed if they are links).
+RUN_FOLDERS = (CHECKPOINTS, SAMPLES, "wandb")
+PROFILE, TRACE = "profile.txt", "profile_trace.json"
+RUN_FILES_WRITTEN = (LOCK_NAME, METRICS, CONFIG, PROFILE, TRACE)
 
 
 def _holder_record() -> dict[str, object]:
@@ -63,30 +72,45 @@ class RunLock:
         except (OSError, ValueError):
             return {}
 
+    def _open(self) -> IO[str]:
+        """Open (or create) the lock file, never through a symbolic link."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            raise UserError(f"out_dir {self.path.parent} cannot be used: {files.reason(e)}"
+                            ) from None
+        return os.fdopen(fd, "r+")
+
+    def _is_current(self, f: IO[str]) -> bool:
+        """Whether `f` is still the file at the lock's path (not removed or replaced)."""
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(f.fileno())
+        return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
     def acquire(self, wait_s: float) -> None:
         """Take the lock, or raise UserError naming its holder.
 
         Only a requeued run of the same SLURM job waits (up to `wait_s`): its predecessor may
         still be saving its last checkpoint. Anyone else is a second writer and stops at once.
+        A lock file removed or replaced between our open and our lock is opened again: the lock
+        that counts is the one on the file at the path.
         """
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            f = self.path.open("a+")
-        except OSError as e:
-            raise UserError(f"out_dir {self.path.parent} cannot be used: {e.strerror or e}"
-                            ) from None
         deadline = time.monotonic() + wait_s
         waiting = False
         while True:
+            f = self._open()
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
             except BlockingIOError:
+                f.close()
                 holder = self._holder()
                 ours = os.environ.get("SLURM_JOB_ID")
                 same_job = ours is not None and str(holder.get("slurm_job_id")) == ours
                 if not same_job or time.monotonic() >= deadline:
-                    f.close()
                     waited = f" (waited {wait_s:g} s for it)" if same_job else ""
                     raise UserError(
                         f"{self.path.parent} is in use by another training run "
@@ -97,11 +121,35 @@ class RunLock:
                              "%s (%s)", wait_s, ours, self.path, describe_holder(holder))
                     waiting = True
                 time.sleep(0.5)
+                continue
+            if self._is_current(f):
+                break
+            f.close()
         f.seek(0)
         f.truncate()
         f.write(json.dumps(_holder_record()) + "\n")
         f.flush()
         self._file = f
+
+    def still_held(self) -> str | None:
+        """None while this run holds the lock file at the lock's path. A removed lock file is
+        made and taken again (the run goes on, with a warning). A replaced one means another
+        run took out_dir meanwhile: the reason this run must stop writing."""
+        if self._file is None or self._is_current(self._file):
+            return None
+        old, self._file = self._file, None
+        try:
+            if os.path.lexists(self.path):
+                return (f"{self.path} was replaced while this run held it: another run "
+                        f"({describe_holder(self._holder())}) has written to {self.path.parent} "
+                        "since, so this run stopped without writing more there")
+            log.warning("%s was removed while this run held it; taking it again", self.path)
+            self.acquire(0)
+        except UserError as e:
+            return f"{self.path} was removed while this run held it and another run took it: {e}"
+        finally:
+            old.close()
+        return None
 
     def release(self) -> None:
         """Unlock (the file stays: removing it would race with the next writer)."""
@@ -111,11 +159,45 @@ class RunLock:
             self._file = None
 
 
+def check_layout(out_dir: Path) -> None:
+    """Refuse, before anything in out_dir changes, an entry the trainer writes that is not what
+    it must be: a file planted as a symbolic link (never followed: someone who can write a
+    shared run directory could point it at your files), a folder that is a file, a broken link
+    or another user's link to a folder, or a place that cannot be written (a read-only mount)."""
+    def refuse(path: Path, why: str) -> UserError:
+        return UserError(f"{path} {why}; nothing was changed")
+
+    for name in (*RUN_FOLDERS, *RUN_FILES_WRITTEN, ARCHIVE):
+        path = out_dir / name
+        if not os.path.lexists(path):
+            continue
+        st = os.lstat(path)
+        is_link = stat.S_ISLNK(st.st_mode)
+        if is_link and name not in RUN_FOLDERS:
+            raise refuse(path, f"is a symbolic link (to {os.readlink(path)}), and the trainer "
+                               "never writes through one in a run directory: remove it")
+        if is_link and st.st_uid != os.geteuid():
+            raise refuse(path, f"is a symbolic link (to {os.readlink(path)}) owned by another "
+                               f"user (uid {st.st_uid}): only your own links to a folder are "
+                               "followed; remove it or point out_dir itself elsewhere")
+        if is_link and not path.exists():
+            raise refuse(path, f"is a link to {os.readlink(path)}, which does not exist (a file "
+                               "system that is not mounted?): mount it, or remove the link to "
+                               "start without it")
+        wants_dir = name in RUN_FOLDERS or name == ARCHIVE
+        if path.is_dir() != wants_dir:
+            raise refuse(path, f"is {'not ' if wants_dir else ''}a folder, and the trainer needs "
+                               f"{'one' if wants_dir else 'a file'} there: move it away")
+        if not os.access(path, os.W_OK):
+            raise refuse(path, "cannot be written (a read-only mount or its permissions): make "
+                               "it writable, or use another out_dir")
+
+
 def remove_stale_temp_files(out_dir: Path) -> list[Path]:
-    """Delete the temp files of checkpoint writes that a killed run left behind (we hold the
-    lock, so no write is in flight)."""
-    stale = sorted((out_dir / CHECKPOINTS).glob(".ckpt-*.tmp-*"))
-    stale += sorted(out_dir.glob(f"{METRICS}.tmp*"))
+    """Delete the temp files of writes that a killed run left behind (we hold the lock, so no
+    write is in flight)."""
+    stale = [p for folder in (out_dir, out_dir / CHECKPOINTS, out_dir / SAMPLES)
+             for p in sorted(folder.glob(f".*{files.TEMP_MARK}*"))]
     for path in stale:
         path.unlink(missing_ok=True)
     if stale:

@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageDraw
 from torchvision.utils import make_grid
 
-from ddp_diffusion import checkpoint
+from ddp_diffusion import checkpoint, files
 from ddp_diffusion.config import Config, from_dict
 from ddp_diffusion.data import derive_seed
 from ddp_diffusion.diffusion import ConditionalDenoiser, Diffusion
@@ -88,9 +88,8 @@ def save_grid(images: torch.Tensor, row_names: list[str] | tuple[str, ...], per_
     draw = ImageDraw.Draw(canvas)
     for row, name in enumerate(row_names):
         draw.text((4, row * tile + tile // 2 - 5), name[:14], fill="black")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path
+    fmt = Image.registered_extensions()[path.suffix.lower()]
+    return files.write_atomic(path, lambda f: canvas.save(f, format=fmt))  # never via a link
 
 
 def find_checkpoint(run_dir: Path, ckpt_path: Path | None) -> tuple[Path, dict]:

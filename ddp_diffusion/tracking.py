@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ddp_diffusion import files, rundir
 from ddp_diffusion.config import Config, to_dict
 from ddp_diffusion.errors import UserError, WriteFailed
 
@@ -48,24 +49,19 @@ def truncate_metrics(path: Path, last_step: int) -> None:
             continue
         if record.get("step", 0) <= last_step:
             kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    files.write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 class Tracker:
     """Writes metrics.jsonl and mirrors it to W&B; a no-op on ranks other than 0."""
 
-    def __init__(self, cfg: Config, run_id: str, active: bool, resumed_step: int) -> None:
+    def __init__(self, cfg: Config, run_id: str, active: bool) -> None:
+        """Start W&B (rank 0); metrics.jsonl is not touched until `log`."""
         self.active = active
         self.run_id = run_id
         self.run: Any = None
-        self.metrics_path = Path(cfg.out_dir) / "metrics.jsonl"
-        if not active:
-            return
-        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        truncate_metrics(self.metrics_path, resumed_step)
-        if cfg.tracking.wandb != "disabled":
+        self.metrics_path = Path(cfg.out_dir) / rundir.METRICS
+        if active and cfg.tracking.wandb != "disabled":
             import wandb  # imported lazily: it costs ~1 s and rank>0 never needs it
 
             os.environ.setdefault("WANDB_SILENT", "true")
@@ -94,11 +90,9 @@ class Tracker:
         if not self.active:
             return
         try:
-            with self.metrics_path.open("a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
-        except OSError as e:
-            raise WriteFailed(f"could not append to {self.metrics_path} ({e.strerror}); the "
-                              "newest checkpoint is intact: free space and run the same "
+            files.append_text(self.metrics_path, json.dumps({"step": step, **metrics}) + "\n")
+        except WriteFailed as e:
+            raise WriteFailed(f"{e}; the newest checkpoint is intact: fix that and run the same "
                               "command again") from None
         self._wandb(lambda run: run.log(metrics, step=step))
 

@@ -17,6 +17,7 @@ import logging
 import math
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,20 +29,26 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from ddp_diffusion import checkpoint, config, distributed, rundir, signals
+from ddp_diffusion import checkpoint, config, distributed, files, rundir, signals
 from ddp_diffusion.checkpoint import CheckpointManager, ResumePlan
 from ddp_diffusion.config import Config, TrainConfig
 from ddp_diffusion.data import Batch, check_batch, check_fits, make_loader
 from ddp_diffusion.diffusion import Diffusion
 from ddp_diffusion.distributed import DistEnv
 from ddp_diffusion.ema import EMA, ema_beta
-from ddp_diffusion.errors import EXIT_OK, EXIT_PREEMPTED, TrainingDiverged, UserError
+from ddp_diffusion.errors import (
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    TrainingDiverged,
+    UserError,
+    WriteFailed,
+)
 from ddp_diffusion.model import build_denoiser, count_parameters, forward_gflops
 from ddp_diffusion.nonfinite import NonFiniteSteps
 from ddp_diffusion.precision import autocast, bf16_is_fast, resolve_precision
 from ddp_diffusion.sample import generate, save_grid
 from ddp_diffusion.sources import open_source
-from ddp_diffusion.tracking import Tracker, new_run_id
+from ddp_diffusion.tracking import Tracker, new_run_id, truncate_metrics
 from ddp_diffusion.utilisation import achieved_tflops, peak_tflops
 
 log = logging.getLogger("ddp_diffusion")
@@ -138,12 +145,14 @@ def start_profiler(steps: int, out_dir: Path, env: DistEnv) -> torch.profiler.pr
     sort_by = "self_cuda_time_total" if env.device.type == "cuda" else "self_cpu_time_total"
 
     def write(prof: torch.profiler.profile) -> None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "profile.txt").write_text(
-            prof.key_averages().table(sort_by=sort_by, row_limit=30))
-        prof.export_chrome_trace(str(out_dir / "profile_trace.json"))
-        log.info("profile of %d steps: %s (trace: open profile_trace.json in "
-                 "https://ui.perfetto.dev)", steps, out_dir / "profile.txt")
+        files.write_text_atomic(out_dir / rundir.PROFILE,
+                                prof.key_averages().table(sort_by=sort_by, row_limit=30))
+        with tempfile.TemporaryDirectory() as tmp:  # torch opens a path as it finds it
+            trace = Path(tmp) / rundir.TRACE
+            prof.export_chrome_trace(str(trace))
+            files.write_atomic(out_dir / rundir.TRACE, lambda f: f.write(trace.read_bytes()))
+        log.info("profile of %d steps: %s (trace: open %s in https://ui.perfetto.dev)", steps,
+                 out_dir / rundir.PROFILE, rundir.TRACE)
 
     prof = torch.profiler.profile(
         activities=activities, on_trace_ready=write,
@@ -157,16 +166,18 @@ def prepare_run_dir(cfg: Config, lock: rundir.RunLock) -> tuple[ResumePlan, Trac
     from (unusable or incompatible checkpoints are refused before anything changes), move an
     earlier run's files aside, write the resolved config and start the tracker."""
     out_dir = Path(cfg.out_dir)
+    rundir.check_layout(out_dir)
     lock.acquire(cfg.train.lock_wait_s)
     rundir.remove_stale_temp_files(out_dir)
     plan = checkpoint.plan_resume(cfg.train.resume, out_dir / rundir.CHECKPOINTS)
     if plan.state is not None:
         checkpoint.check_compatible(plan.state["config"], config.to_dict(cfg), plan.path)
-    rundir.move_aside(out_dir, plan.move_aside, plan.new_run)
-    config.save(cfg, out_dir / "config.yaml")
     saved = plan.state["progress"] if plan.state is not None else {}
-    tracker = Tracker(cfg, saved.get("run_id") or new_run_id(), active=True,
-                      resumed_step=saved.get("step", 0))
+    # W&B starts (or fails with one line) before anything of an earlier run is moved.
+    tracker = Tracker(cfg, saved.get("run_id") or new_run_id(), active=True)
+    rundir.move_aside(out_dir, plan.move_aside, plan.new_run)
+    config.save(cfg, out_dir / rundir.CONFIG)
+    truncate_metrics(out_dir / rundir.METRICS, saved.get("step", 0))
     return plan, tracker
 
 
@@ -323,7 +334,7 @@ def _train(cfg: Config, env: DistEnv, stop: signals.StopRequest,
     run_id, resume_path = distributed.broadcast_object(
         (tracker.run_id, plan.path and str(plan.path)) if prepared else None)
     if tracker is None:
-        tracker = Tracker(cfg, run_id, active=False, resumed_step=0)
+        tracker = Tracker(cfg, run_id, active=False)
     state = plan.state if plan is not None else None
     if resume_path is not None and state is None:
         try:
@@ -413,7 +424,7 @@ def _train(cfg: Config, env: DistEnv, stop: signals.StopRequest,
                             s.steps, s.guidance, seed=cfg.seed, eta=s.eta, precision=precision,
                             image_size=cfg.model.image_size, channels=source.channels)
             path = save_grid(imgs, names, s.per_class,
-                             out_dir / "samples" / f"step-{step:08d}.png")
+                             out_dir / rundir.SAMPLES / f"step-{step:08d}.png")
             tracker.log_image(step, "samples", path)
         if fid_due:
             from ddp_diffusion.fid import evaluate  # all ranks: compute() is a collective
@@ -473,8 +484,11 @@ def _train(cfg: Config, env: DistEnv, stop: signals.StopRequest,
                     f"loss was non-finite for {nonfinite.streak} steps in a row (up to step "
                     f"{diverged_at}); last checkpoint: {newest_checkpoint()}; lower train.lr, "
                     "set train.grad_clip, or use train.precision=fp32")
-            stop_now, time_up = distributed.agree_any([stop.requested,
-                                                       time.perf_counter() > deadline])
+            lock_lost = env.is_main and lock.still_held()
+            stop_now, time_up, lost = distributed.agree_any(
+                [stop.requested, time.perf_counter() > deadline, bool(lock_lost)])
+            if lost:  # another run writes out_dir now: stop before writing anything more
+                raise WriteFailed(lock_lost or f"rank 0 lost {lock.path}; stopped at step {step}")
             if due(step, tc.log_every, tc.max_steps):
                 metrics = window.close(step, tc.batch_size, loader.take_wait()) | {
                     "lr": opt.param_groups[0]["lr"],

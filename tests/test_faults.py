@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -78,10 +78,13 @@ def wait_for_text(path: Path, text: str, proc: subprocess.Popen, timeout: float 
 
 
 def snapshot(folder: Path) -> dict[str, object]:
-    """Every path under a folder with its bytes (or 'dir') and mtime; the lock file aside, which
-    records who holds the run and changes with every attempt."""
-    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else "dir",
-                                         p.stat().st_mtime_ns)
+    """Every path under a folder with its bytes (or 'dir', or a link's target) and mtime; the
+    lock file aside, which records who holds the run and changes with every attempt."""
+    def content(p: Path) -> object:
+        return (f"link to {os.readlink(p)}" if p.is_symlink() else p.read_bytes() if p.is_file()
+                else "dir")
+
+    return {str(p.relative_to(folder)): (content(p), p.lstat().st_mtime_ns)
             for p in sorted(folder.rglob("*")) if p.name != "train.lock"}
 
 
@@ -185,13 +188,15 @@ def test_a_transient_read_error_is_retried_not_taken_for_corruption(tiny_data: P
 def test_temp_files_of_a_killed_save_are_removed_at_start(tiny_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     run_cli(*train_args(tiny_data, out, 2))
-    stale = [out / "checkpoints" / ".ckpt-00000004.pt.tmp-99999", out / "metrics.jsonl.tmp"]
+    stale = [out / ".metrics.jsonl.tmp-99999", out / "checkpoints" / ".ckpt-00000004.pt.tmp-99999",
+             out / "samples" / ".step-00000004.png.tmp-99999"]
+    (out / "samples").mkdir()
     for path in stale:
         path.write_bytes(b"half a file")
     proc = run_cli(*train_args(tiny_data, out, 4))
     assert not any(p.exists() for p in stale)
-    assert ("removed 2 temp file(s) of an interrupted write: .ckpt-00000004.pt.tmp-99999, "
-            "metrics.jsonl.tmp") in proc.stderr
+    assert ("removed 3 temp file(s) of an interrupted write: .metrics.jsonl.tmp-99999, "
+            ".ckpt-00000004.pt.tmp-99999, .step-00000004.png.tmp-99999") in proc.stderr
 
 
 # ----------------------------------------------------------------------------- one writer
@@ -248,6 +253,159 @@ def test_a_requeued_job_waits_for_its_predecessor_then_resumes_exactly(tiny_data
     (stopped_at,) = re.findall(r"resuming from \S+ \(step (\d+)\)", err.read_text())
     assert 3 <= int(stopped_at) < 12
     assert_same_run(tmp_path / "straight", out)
+
+
+# ----------------------------------------------------------------------------- run dir entries
+
+
+@pytest.mark.parametrize("shape", ["broken link", "file"])
+def test_a_checkpoints_folder_that_is_a_broken_link_or_a_file_is_refused(
+        tiny_data: Path, tmp_path: Path, shape: str) -> None:
+    out = tmp_path / "run"
+    run_cli(*train_args(tiny_data, out, 2))
+    (out / "checkpoints").rename(tmp_path / "scratch")  # a scratch disk that is not mounted
+    if shape == "broken link":
+        (out / "checkpoints").symlink_to(tmp_path / "unmounted")
+        why = (f"is a link to {tmp_path / 'unmounted'}, which does not exist (a file system that "
+               "is not mounted?): mount it, or remove the link to start without it")
+    else:
+        (out / "checkpoints").write_text("")
+        why = "is not a folder, and the trainer needs one there: move it away"
+    before = snapshot(out)
+    proc = run_cli(*train_args(tiny_data, out, 4), check=False)
+    assert (proc.returncode, last_line(proc)) == (
+        2, f"error: {out / 'checkpoints'} {why}; nothing was changed")
+    assert snapshot(out) == before  # metrics and config of the run kept, not restarted at 0
+
+
+@pytest.mark.parametrize("name", ["train.lock", "config.yaml", "metrics.jsonl"])
+def test_a_file_planted_as_a_link_in_the_run_directory_is_never_written_through(
+        tiny_data: Path, tmp_path: Path, name: str) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("someone's file\n")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / name).symlink_to(victim)
+    proc = run_cli(*train_args(tiny_data, out, 2), check=False)
+    assert (proc.returncode, last_line(proc)) == (
+        2, f"error: {out / name} is a symbolic link (to {victim}), and the trainer never writes "
+           "through one in a run directory: remove it; nothing was changed")
+    assert victim.read_text() == "someone's file\n"
+    assert sorted(p.name for p in out.iterdir()) == [name]
+
+
+def test_a_link_planted_where_a_grid_or_metrics_go_is_replaced_or_refused_not_followed(
+        tiny_data: Path, tmp_path: Path) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("someone's file\n")
+    out = tmp_path / "run"
+    (out / "samples").mkdir(parents=True)
+    grid = out / "samples" / "step-00000002.png"
+    grid.symlink_to(victim)  # planted before the run writes its grid of step 2
+    err = tmp_path / "err.txt"
+    proc = start(train_args(tiny_data, out, 400, "train.sample_every=2", "sample.steps=2",
+                            "sample.per_class=1"), err)
+    try:
+        wait_for_step(out / "metrics.jsonl", 3, proc)
+        assert not grid.is_symlink() and grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        (out / "metrics.jsonl").unlink()  # planted while the run goes on
+        (out / "metrics.jsonl").symlink_to(victim)
+        assert proc.wait(timeout=300) == 74
+    finally:
+        proc.kill()
+    assert re.fullmatch(rf"error: could not write {re.escape(str(out / 'metrics.jsonl'))} \(it is "
+                        r"a symbolic link, and nothing is written through one in a run "
+                        r"directory; \d+\.\d MiB free there\); the newest checkpoint is intact: "
+                        r"fix that and run the same command again",
+                        err.read_text().strip().splitlines()[-1])
+    assert victim.read_text() == "someone's file\n"
+
+
+def test_a_folder_link_is_followed_only_when_it_is_the_users_own(tiny_data: Path,
+                                                                  tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("giving a link to another user needs root")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoints").symlink_to(scratch)
+    run_cli(*train_args(tiny_data, out, 2))  # our own link to another disk: used
+    assert sorted(p.name for p in scratch.iterdir()) == ["ckpt-00000002.pt"]
+
+    os.lchown(out / "checkpoints", 65534, 65534)  # now as if another user had planted it
+    proc = run_cli(*train_args(tiny_data, out, 4), check=False)
+    assert (proc.returncode, last_line(proc)) == (
+        2, f"error: {out / 'checkpoints'} is a symbolic link (to {scratch}) owned by another user "
+           "(uid 65534): only your own links to a folder are followed; remove it or point "
+           "out_dir itself elsewhere; nothing was changed")
+    assert sorted(p.name for p in scratch.iterdir()) == ["ckpt-00000002.pt"]
+
+
+@pytest.fixture
+def read_only(tmp_path: Path) -> Iterator[Callable[[Path], None]]:
+    """Make a folder a read-only bind mount of itself (root only); undone after the test."""
+    if os.geteuid() != 0:
+        pytest.skip("a read-only bind mount needs root")
+    mounted: list[Path] = []
+
+    def make(path: Path) -> None:
+        for cmd in (["mount", "--bind", str(path), str(path)],
+                    ["mount", "-o", "remount,ro,bind", str(path)]):
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                pytest.skip(f"cannot bind-mount here: {proc.stderr.strip()}")
+            if cmd[1] == "--bind":
+                mounted.append(path)
+
+    yield make
+    for path in reversed(mounted):
+        subprocess.run(["umount", "--lazy", str(path)], check=True)
+
+
+def test_a_read_only_part_of_the_run_directory_is_refused_before_anything_changes(
+        tiny_data: Path, tmp_path: Path, read_only: Callable[[Path], None]) -> None:
+    out = tmp_path / "run"
+    run_cli(*train_args(tiny_data, out, 2, "train.sample_every=2", "sample.steps=2",
+                        "sample.per_class=1"))
+    read_only(out / "samples")
+    before = snapshot(out)
+    proc = run_cli(*train_args(tiny_data, out, 4, "train.sample_every=2", "sample.steps=2",
+                               "sample.per_class=1"), check=False)
+    assert (proc.returncode, last_line(proc)) == (
+        2, f"error: {out / 'samples'} cannot be written (a read-only mount or its permissions): "
+           "make it writable, or use another out_dir; nothing was changed")
+    assert snapshot(out) == before
+
+
+def test_a_run_whose_lock_file_is_removed_takes_it_again_and_one_whose_lock_was_taken_stops(
+        tiny_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    lock = out / "train.lock"
+    err = tmp_path / "1.txt"
+    first = start(train_args(tiny_data, out, 10_000, "train.ckpt_every=1000"), err)
+    try:
+        wait_for_step(out / "metrics.jsonl", 2, first)
+        lock.unlink()  # e.g. a clean-up script
+        wait_for_text(err, f"{lock} was removed while this run held it; taking it again", first)
+        assert json.loads(lock.read_text())["pid"] == first.pid
+        second = run_cli(*train_args(tiny_data, out, 3), check=False)
+        assert second.returncode == 2 and "is in use by another training run" in second.stderr
+
+        os.kill(first.pid, signal.SIGSTOP)
+        lock.unlink()
+        run_cli(*train_args(tiny_data, out, 3, "train.resume=never"))  # another run came in
+        taken = metrics_steps(out)
+        os.kill(first.pid, signal.SIGCONT)
+        assert first.wait(timeout=300) == 74
+    finally:
+        first.kill()
+    assert re.fullmatch(rf"error: {re.escape(str(lock))} was replaced while this run held it: "
+                        rf"another run \(host \S+, pid \d+, since \S+\) has written to "
+                        rf"{re.escape(str(out))} since, so this run stopped without writing more "
+                        r"there", err.read_text().strip().splitlines()[-1])
+    assert metrics_steps(out) == taken == [1, 2, 3]  # the first run wrote nothing after
+    assert steps_in(out) == [2, 3]  # the second run's only
 
 
 # ----------------------------------------------------------------------------- changed settings
@@ -321,6 +479,12 @@ def test_a_run_resumes_on_another_world_size(tiny_data: Path, tmp_path: Path, be
      "remove it, or use model.name=unet"),
     (["model.num_classes=5"], "model.num_classes=5 but the data has 10; remove "
                               "model.num_classes (it comes from the data)"),
+    (["seed=1180591620717411303424"], "config key 'seed' must fit in 64 bits (at most "
+                                      "9223372036854775807); got 1180591620717411303424"),
+    (["data.debian_dir=~"], "config key 'data.debian_dir' needs a value; YAML reads an empty "
+                            "value, ~ and null as nothing (quote it to mean the text)"),
+    (["tracking.project=Null"], "config key 'tracking.project' needs a value; YAML reads an "
+                                "empty value, ~ and null as nothing (quote it to mean the text)"),
     (["train.resume=/nonexistent/ckpt.pt"], "train.resume=/nonexistent/ckpt.pt: no such "
                                             "checkpoint file (use auto, never, or the path of a "
                                             "ckpt-*.pt file)"),
@@ -359,6 +523,8 @@ def test_an_out_dir_that_cannot_be_created_fails_with_one_line(tiny_data: Path,
 @pytest.mark.parametrize(("content", "message"), [
     (b"train:\n  lr: [1e-3\n", "is not valid YAML: expected ',' or ']', but got '<stream end>' "
                                "(line 3, column 1)"),
+    (b"train:\n  lr: 1e-3\n  batch_size: 8\n  lr: 2e-3\n",
+     "is not valid YAML: key 'lr' is given twice (which one was meant?) (line 4, column 3)"),
     (b"train:\n  lr: 1e-3 # \xe9t\xe9\n", "is not UTF-8 text (byte 0xe9 at offset 20); save it "
                                           "as UTF-8"),
 ])
