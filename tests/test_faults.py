@@ -434,6 +434,36 @@ def test_sample_and_fid_name_what_is_wrong_with_the_run_or_the_output(trained: P
         assert (proc.returncode, proc.stderr) == (2, f"error: {message}\n"), args
 
 
+def test_sample_takes_the_new_newest_checkpoint_when_the_newest_is_pruned_as_it_reads(
+        trained: Path, tmp_path: Path) -> None:
+    """A training run saves step 4 and prunes step 3 just as `sample` opens step 3, the newest
+    file it listed: the deletion happens for real at that open (an audit hook on this process's
+    file opens), and load_run lists again instead of retrying the deleted path."""
+    from ddp_diffusion.sample import load_run
+
+    ckpts = tmp_path / "run" / "checkpoints"
+    state = checkpoint.read(path_for(trained / "checkpoints", 2))
+    for step in (2, 3):
+        checkpoint.write_atomic({**state, "step": step}, path_for(ckpts, step))
+    doomed, saved = path_for(ckpts, 3), path_for(ckpts, 4)
+    armed = [True]
+
+    def prune_on_open(event: str, args: tuple) -> None:
+        if event == "open" and armed and os.fspath(args[0]) == str(doomed):
+            armed.clear()  # once; the hook stays installed in this process but does nothing
+            checkpoint.write_atomic({**state, "step": 4}, saved)
+            doomed.unlink()
+
+    sys.addaudithook(prune_on_open)
+    try:
+        start_s = time.monotonic()
+        run = load_run(tmp_path / "run", None, None, torch.device("cpu"))
+    finally:
+        armed.clear()
+    assert run.step == 4 and not doomed.exists()
+    assert time.monotonic() - start_s < 2.0  # no read retries (1 s + 2 s of back-off)
+
+
 # ----------------------------------------------------------------------------- stops and faults
 
 
