@@ -9,15 +9,18 @@ refused. A read that fails with an OSError (EIO, ESTALE on a network file system
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import pickle
 import re
+import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import torch
 
@@ -67,16 +70,21 @@ def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
 
 
 def write_atomic(obj: dict[str, Any], path: Path) -> Path:
-    """torch.save to a temp file beside `path`, flush, fsync, rename, fsync the folder.
+    """torch.save `obj` to `path` with write_file_atomic's guarantees."""
+    return write_file_atomic(path, lambda f: torch.save(obj, f))
+
+
+def write_file_atomic(path: Path, write: Callable[[BinaryIO], object]) -> Path:
+    """write(f) to a temp file beside `path`, flush, fsync, rename, fsync the folder.
 
     On failure (a full disk, an I/O error) the temp file is removed, whatever `path` held before
     is untouched, and WriteFailed says why.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with tmp.open("wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -86,13 +94,32 @@ def write_atomic(obj: dict[str, Any], path: Path) -> Path:
         finally:
             os.close(dir_fd)
     except (OSError, RuntimeError) as e:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         os_error = _os_error(e)
         reason = os_error.strerror if os_error is not None else str(e).splitlines()[0]
         free = _free_bytes(path.parent)
         raise WriteFailed(f"could not write {path} ({reason}; {free / 2**20:.1f} MiB free "
                           "there)") from None
     return path
+
+
+def check_writable(path: Path, flag: str) -> None:
+    """Raise UserError unless a file can be created at `path` (its folder is made if missing):
+    checked before the work whose result goes there, which a late failure would throw away."""
+    try:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:  # a file where a folder of the path should be
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)) from None
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+        # A real file, as the final write makes one: a read-only mount, a full inode table or a
+        # folder without write permission all fail here, and os.access misses some of them.
+        tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.probe-").close()
+    except OSError as e:
+        raise UserError(f"{flag} {path} cannot be written ({e.strerror or e}); choose another "
+                        "path") from None
 
 
 def _os_error(e: BaseException | None) -> OSError | None:

@@ -50,6 +50,7 @@ def _submit(args: argparse.Namespace) -> int:
     return 0
 
 
+SAMPLE_BATCH = 256  # sample --batch-size: a few GB at most for the default UNet on a CPU
 SAMPLE_FLAGS = ("sampler", "steps", "guidance", "eta", "per_class")
 FID_FLAGS = ("num_samples", "sampler", "steps", "guidance", "features", "reference",
              "inception_weights", "batch_size")
@@ -74,22 +75,30 @@ def _sample(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
-    from ddp_diffusion.sample import generate, load_run, parse_classes, save_grid
+    from ddp_diffusion.checkpoint import check_writable
+    from ddp_diffusion.sample import check_grid, generate_grid, load_run, parse_classes
 
     _check_flags(args)
-    check(Path(args.out).suffix.lower() in Image.registered_extensions(),
-          f"--out {args.out}: name an image file, e.g. grid.png (PNG, JPEG, WebP, ...)")
+    out = Path(args.out)
+    check(out.suffix.lower() in Image.registered_extensions(),
+          f"--out {out}: name an image file, e.g. grid.png (PNG, JPEG, WebP, ...)")
+    check_writable(out, "--out")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     run = load_run(Path(args.run), args.checkpoint and Path(args.checkpoint), args.ema, device)
     classes = parse_classes(args.classes, run.class_names)
     m = run.cfg.model
     s = dataclasses.replace(run.cfg.sample, **_overrides(args, SAMPLE_FLAGS))
     check_sample(s, run.diffusion.num_timesteps, prefix="--")
-    labels = torch.tensor(classes, device=device).repeat_interleave(s.per_class)
-    images = generate(run.denoiser, run.diffusion, labels, s.sampler, s.steps, s.guidance,
-                      seed=args.seed, eta=s.eta, precision=args.precision,
-                      image_size=m.image_size, channels=m.in_channels)
-    out = save_grid(images, [run.class_names[c] for c in classes], s.per_class, Path(args.out))
+    check_grid(len(classes), s.per_class, m.image_size, out)
+    logging.getLogger("ddp_diffusion").info(
+        "sampling %d images (%s, %d steps) from step %d", len(classes) * s.per_class, s.sampler,
+        s.steps, run.step)
+    grid = generate_grid(run.denoiser, run.diffusion, classes,
+                         [run.class_names[c] for c in classes], s.per_class, s.sampler, s.steps,
+                         s.guidance, seed=args.seed, eta=s.eta, precision=args.precision,
+                         image_size=m.image_size, channels=m.in_channels,
+                         chunk=args.batch_size)
+    grid.save(out)
     print(f"wrote {out} ({len(classes)} classes x {s.per_class}, step {run.step})")
     return 0
 
@@ -98,12 +107,15 @@ def _fid(args: argparse.Namespace) -> int:
     import json
 
     from ddp_diffusion import distributed
+    from ddp_diffusion.checkpoint import check_writable, write_file_atomic
     from ddp_diffusion.fid import evaluate
     from ddp_diffusion.sample import load_run
 
     _check_flags(args)
     env = distributed.init()
     try:
+        if args.out:  # only rank 0 writes it
+            distributed.run_on_main(env.is_main, lambda: check_writable(Path(args.out), "--out"))
         cfg, denoiser, diffusion, step, _ = load_run(Path(args.run), args.checkpoint and
                                                      Path(args.checkpoint), args.ema, env.device)
         fc = dataclasses.replace(cfg.fid, **_overrides(args, FID_FLAGS))
@@ -116,8 +128,7 @@ def _fid(args: argparse.Namespace) -> int:
             text = json.dumps(result, indent=2)
             print(text)
             if args.out:
-                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.out).write_text(text + "\n")
+                write_file_atomic(Path(args.out), lambda f: f.write(f"{text}\n".encode()))
         return 0
     finally:
         distributed.shutdown()
@@ -145,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="sampling steps (default: config)")
     p.add_argument("--guidance", type=float, help="CFG scale g: (1+g)*cond - g*uncond")
     p.add_argument("--eta", type=float, help="DDIM eta (default: config)")
+    p.add_argument("--batch-size", type=int, default=SAMPLE_BATCH,
+                   help="images generated at once (memory); a grid of up to this many is one "
+                        "batch, as before chunking, and larger ones differ by this size "
+                        f"(default: {SAMPLE_BATCH})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction,
