@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import get_args
 
 from ddp_diffusion.config import (
+    DataConfig,
     Sampler,
     check,
     check_at_least,
@@ -53,7 +54,7 @@ def _submit(args: argparse.Namespace) -> int:
 SAMPLE_BATCH = 256  # sample --batch-size: a few GB at most for the default UNet on a CPU
 SAMPLE_FLAGS = ("sampler", "steps", "guidance", "eta", "per_class")
 FID_FLAGS = ("num_samples", "sampler", "steps", "guidance", "features", "reference",
-             "inception_weights", "batch_size")
+             "batch_size")
 
 
 def _check_flags(args: argparse.Namespace) -> None:
@@ -108,7 +109,7 @@ def _fid(args: argparse.Namespace) -> int:
 
     from ddp_diffusion import distributed
     from ddp_diffusion.checkpoint import check_writable, write_file_atomic
-    from ddp_diffusion.fid import evaluate
+    from ddp_diffusion.fid import evaluate, local_paths
     from ddp_diffusion.sample import load_run
 
     _check_flags(args)
@@ -116,14 +117,16 @@ def _fid(args: argparse.Namespace) -> int:
     try:
         if args.out:  # only rank 0 writes it
             distributed.run_on_main(env.is_main, lambda: check_writable(Path(args.out), "--out"))
-        cfg, denoiser, diffusion, step, _ = load_run(Path(args.run), args.checkpoint and
-                                                     Path(args.checkpoint), args.ema, env.device)
-        fc = dataclasses.replace(cfg.fid, **_overrides(args, FID_FLAGS))
-        check_fid(fc, diffusion.num_timesteps, prefix="--")
+        run = load_run(Path(args.run), args.checkpoint and Path(args.checkpoint), args.ema,
+                       env.device)
+        fc = dataclasses.replace(run.cfg.fid, inception_weights=args.inception_weights,
+                                 **_overrides(args, FID_FLAGS))
+        check_fid(fc, run.diffusion.num_timesteps, prefix="--")
+        cfg = local_paths(run.cfg, args.data_root, args.data_path, args.inception_weights)
         if args.eta is not None:
             cfg.sample.eta = args.eta
-        result = {"run": args.run, "checkpoint": args.checkpoint, "step": step,
-                  **evaluate(denoiser, diffusion, cfg, fc, args.seed, args.precision)}
+        result = {"run": args.run, "checkpoint": args.checkpoint, "step": run.step,
+                  **evaluate(run.denoiser, run.diffusion, cfg, fc, args.seed, args.precision)}
         if env.is_main:
             text = json.dumps(result, indent=2)
             print(text)
@@ -169,8 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "fid", help="FID and class accuracy of generated images (single process or torchrun)",
-        description="FID against real Fashion-MNIST statistics (cached). Defaults: the run's "
-                    "fid.* config, except --num-samples 10000.")
+        description="FID against the real statistics of the run's data (cached). Defaults: "
+                    "the run's fid.* config, except --num-samples 10000 and every path (see "
+                    "--data-root).")
     # torchrun's own parser rejects a later '--run' (ambiguous with its --run-path): use
     # --run-dir under torchrun.
     p.add_argument("--run", "--run-dir", dest="run", required=True,
@@ -183,7 +187,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, help="DDIM eta (default: config sample.eta)")
     p.add_argument("--features", choices=("fashion", "inception"))
     p.add_argument("--reference", choices=("train", "test"), help="real split")
-    p.add_argument("--inception-weights", help="local weights-inception-2015-12-05-6726825d.pth")
+    p.add_argument("--inception-weights",
+                   help="local weights-inception-2015-12-05-6726825d.pth (default: the torch "
+                        "hub cache; the checkpoint's fid.inception_weights is not used)")
+    p.add_argument("--data-root", default=DataConfig.root,
+                   help="data folder: the datasets, and the reference statistics cached in "
+                        "DATA_ROOT/fid_reference (default: %(default)s; the checkpoint's "
+                        "data.root is not used: a checkpoint never chooses the files fid reads "
+                        "or writes)")
+    p.add_argument("--data-path",
+                   help="an image_folder run's images (needed for those; the checkpoint's "
+                        "data.path is not used)")
     p.add_argument("--batch-size", type=int, help="images per generation chunk")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
