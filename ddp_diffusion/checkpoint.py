@@ -10,6 +10,7 @@ refused. A read that fails with an OSError (EIO, ESTALE on a network file system
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import re
 import time
@@ -42,6 +43,10 @@ class CheckpointError(Exception):
     def __init__(self, path: Path, reason: str) -> None:
         super().__init__(f"{path}: {reason}")
         self.path = path
+
+
+class CheckpointGone(CheckpointError):
+    """A checkpoint that was deleted after it was listed (a run pruning its old files)."""
 
 
 class Stateful(Protocol):
@@ -92,8 +97,9 @@ def upgrade(state: dict[str, Any]) -> dict[str, Any]:
 def read(path: Path, tries: int = READ_TRIES) -> dict[str, Any]:
     """Load a checkpoint on the CPU (weights_only=True), or raise CheckpointError saying why.
 
-    OSErrors (EIO, ESTALE, ...) are retried `tries` times with back-off; a file that is
-    truncated, corrupt or holds objects other than tensors and plain values fails at once.
+    OSErrors (EIO, ESTALE, ...) are retried `tries` times with back-off; a file that is gone
+    (CheckpointGone), truncated, corrupt or holds objects other than tensors and plain values
+    fails at once.
     """
     delay = READ_RETRY_S
     for attempt in range(1, tries + 1):
@@ -105,6 +111,10 @@ def read(path: Path, tries: int = READ_TRIES) -> dict[str, Any]:
                 path, "refused, it holds objects other than tensors and plain values "
                 f"(weights_only load): {_first_line(e)}") from None
         except OSError as e:
+            if isinstance(e, FileNotFoundError) and not os.path.lexists(path):
+                # Its name is gone from the folder (pruned): retrying cannot bring it back. A
+                # name that is still there (a stale NFS handle, a dangling link) is retried.
+                raise CheckpointGone(path, "no such file (deleted after it was listed)") from None
             if attempt == tries:
                 raise CheckpointError(path, f"read error, {tries} tries ({e.strerror or e}); "
                                             "check the file system") from None
@@ -133,15 +143,27 @@ def _first_line(e: BaseException) -> str:
 
 def newest_readable(ckpt_dir: Path) -> tuple[tuple[Path, dict[str, Any]] | None,
                                              list[CheckpointError]]:
-    """The newest checkpoint that reads (None if none does), and why each newer one did not."""
+    """The newest checkpoint that reads (None if none does), and why each newer one did not.
+
+    A file deleted between the listing and the read (a running job pruned it, and has written a
+    newer one) makes it list the folder again rather than fall back to an older file.
+    """
     failures: list[CheckpointError] = []
-    for _, path in reversed(list_checkpoints(ckpt_dir)):
-        try:
-            return (path, read(path)), failures
-        except CheckpointError as e:
-            log.warning("skipping checkpoint %s; trying the previous one", e)
-            failures.append(e)
-    return None, failures
+    while True:
+        for _, path in reversed(list_checkpoints(ckpt_dir)):
+            if path in (e.path for e in failures):
+                continue
+            try:
+                return (path, read(path)), failures
+            except CheckpointGone:
+                log.info("checkpoint %s was deleted while being read; listing %s again", path,
+                         ckpt_dir)
+                break
+            except CheckpointError as e:
+                log.warning("skipping checkpoint %s; trying the previous one", e)
+                failures.append(e)
+        else:
+            return None, failures
 
 
 def none_readable(ckpt_dir: Path, failures: list[CheckpointError]) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import get_args
 
 from ddp_diffusion.config import (
+    DataConfig,
     Sampler,
     check,
     check_at_least,
@@ -50,9 +51,10 @@ def _submit(args: argparse.Namespace) -> int:
     return 0
 
 
+SAMPLE_BATCH = 256  # sample --batch-size: a few GB at most for the default UNet on a CPU
 SAMPLE_FLAGS = ("sampler", "steps", "guidance", "eta", "per_class")
 FID_FLAGS = ("num_samples", "sampler", "steps", "guidance", "features", "reference",
-             "inception_weights", "batch_size")
+             "batch_size")
 
 
 def _check_flags(args: argparse.Namespace) -> None:
@@ -74,22 +76,30 @@ def _sample(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
-    from ddp_diffusion.sample import generate, load_run, parse_classes, save_grid
+    from ddp_diffusion.files import check_writable
+    from ddp_diffusion.sample import check_grid, generate_grid, load_run, parse_classes
 
     _check_flags(args)
-    check(Path(args.out).suffix.lower() in Image.registered_extensions(),
-          f"--out {args.out}: name an image file, e.g. grid.png (PNG, JPEG, WebP, ...)")
+    out = Path(args.out)
+    check(out.suffix.lower() in Image.registered_extensions(),
+          f"--out {out}: name an image file, e.g. grid.png (PNG, JPEG, WebP, ...)")
+    check_writable(out, "--out")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     run = load_run(Path(args.run), args.checkpoint and Path(args.checkpoint), args.ema, device)
     classes = parse_classes(args.classes, run.class_names)
     m = run.cfg.model
     s = dataclasses.replace(run.cfg.sample, **_overrides(args, SAMPLE_FLAGS))
     check_sample(s, run.diffusion.num_timesteps, prefix="--")
-    labels = torch.tensor(classes, device=device).repeat_interleave(s.per_class)
-    images = generate(run.denoiser, run.diffusion, labels, s.sampler, s.steps, s.guidance,
-                      seed=args.seed, eta=s.eta, precision=args.precision,
-                      image_size=m.image_size, channels=m.in_channels)
-    out = save_grid(images, [run.class_names[c] for c in classes], s.per_class, Path(args.out))
+    check_grid(len(classes), s.per_class, m.image_size, out)
+    logging.getLogger("ddp_diffusion").info(
+        "sampling %d images (%s, %d steps) from step %d", len(classes) * s.per_class, s.sampler,
+        s.steps, run.step)
+    grid = generate_grid(run.denoiser, run.diffusion, classes,
+                         [run.class_names[c] for c in classes], s.per_class, s.sampler, s.steps,
+                         s.guidance, seed=args.seed, eta=s.eta, precision=args.precision,
+                         image_size=m.image_size, channels=m.in_channels,
+                         chunk=args.batch_size)
+    grid.save(out)
     print(f"wrote {out} ({len(classes)} classes x {s.per_class}, step {run.step})")
     return 0
 
@@ -98,26 +108,30 @@ def _fid(args: argparse.Namespace) -> int:
     import json
 
     from ddp_diffusion import distributed
-    from ddp_diffusion.fid import evaluate
+    from ddp_diffusion.fid import evaluate, local_paths
+    from ddp_diffusion.files import check_writable, write_atomic
     from ddp_diffusion.sample import load_run
 
     _check_flags(args)
     env = distributed.init()
     try:
-        cfg, denoiser, diffusion, step, _ = load_run(Path(args.run), args.checkpoint and
-                                                     Path(args.checkpoint), args.ema, env.device)
-        fc = dataclasses.replace(cfg.fid, **_overrides(args, FID_FLAGS))
-        check_fid(fc, diffusion.num_timesteps, prefix="--")
+        if args.out:  # only rank 0 writes it
+            distributed.run_on_main(env.is_main, lambda: check_writable(Path(args.out), "--out"))
+        run = load_run(Path(args.run), args.checkpoint and Path(args.checkpoint), args.ema,
+                       env.device)
+        fc = dataclasses.replace(run.cfg.fid, inception_weights=args.inception_weights,
+                                 **_overrides(args, FID_FLAGS))
+        check_fid(fc, run.diffusion.num_timesteps, prefix="--")
+        cfg = local_paths(run.cfg, args.data_root, args.data_path, args.inception_weights)
         if args.eta is not None:
             cfg.sample.eta = args.eta
-        result = {"run": args.run, "checkpoint": args.checkpoint, "step": step,
-                  **evaluate(denoiser, diffusion, cfg, fc, args.seed, args.precision)}
+        result = {"run": args.run, "checkpoint": args.checkpoint, "step": run.step,
+                  **evaluate(run.denoiser, run.diffusion, cfg, fc, args.seed, args.precision)}
         if env.is_main:
             text = json.dumps(result, indent=2)
             print(text)
             if args.out:
-                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.out).write_text(text + "\n")
+                write_atomic(Path(args.out), lambda f: f.write(f"{text}\n".encode()))
         return 0
     finally:
         distributed.shutdown()
@@ -145,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="sampling steps (default: config)")
     p.add_argument("--guidance", type=float, help="CFG scale g: (1+g)*cond - g*uncond")
     p.add_argument("--eta", type=float, help="DDIM eta (default: config)")
+    p.add_argument("--batch-size", type=int, default=SAMPLE_BATCH,
+                   help="images generated at once (memory); a grid of up to this many is one "
+                        "batch, as before chunking, and larger ones differ by this size "
+                        f"(default: {SAMPLE_BATCH})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction,
@@ -154,8 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "fid", help="FID and class accuracy of generated images (single process or torchrun)",
-        description="FID against real Fashion-MNIST statistics (cached). Defaults: the run's "
-                    "fid.* config, except --num-samples 10000.")
+        description="FID against the real statistics of the run's data (cached). Defaults: "
+                    "the run's fid.* config, except --num-samples 10000 and every path (see "
+                    "--data-root).")
     # torchrun's own parser rejects a later '--run' (ambiguous with its --run-path): use
     # --run-dir under torchrun.
     p.add_argument("--run", "--run-dir", dest="run", required=True,
@@ -168,7 +187,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, help="DDIM eta (default: config sample.eta)")
     p.add_argument("--features", choices=("fashion", "inception"))
     p.add_argument("--reference", choices=("train", "test"), help="real split")
-    p.add_argument("--inception-weights", help="local weights-inception-2015-12-05-6726825d.pth")
+    p.add_argument("--inception-weights",
+                   help="local weights-inception-2015-12-05-6726825d.pth (default: the torch "
+                        "hub cache; the checkpoint's fid.inception_weights is not used)")
+    p.add_argument("--data-root", default=DataConfig.root,
+                   help="data folder: the datasets, and the reference statistics cached in "
+                        "DATA_ROOT/fid_reference (default: %(default)s; the checkpoint's "
+                        "data.root is not used: a checkpoint never chooses the files fid reads "
+                        "or writes)")
+    p.add_argument("--data-path",
+                   help="an image_folder run's images (needed for those; the checkpoint's "
+                        "data.path is not used)")
     p.add_argument("--batch-size", type=int, help="images per generation chunk")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")

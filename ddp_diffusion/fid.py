@@ -7,11 +7,23 @@ its torchmetrics ``FrechetInceptionDistance`` with its images and every rank cal
 ``compute()``, which sums the metric's statistics over ranks (a collective). The reference
 (real) statistics are loaded on rank 0 only, so the summed statistics equal those of one
 process.
+
+Paths are the user's: the ``fid`` command takes the model, the data's identity (dataset,
+channels, classes) and the sampling settings from a checkpoint's config, never a path. Where it
+reads data and writes the reference-statistics cache (``--data-root``, default ``data``), an
+image folder's images (``--data-path``) and the Inception weights (``--inception-weights``, else
+the torch hub cache) come from its flags or their defaults; ``data.download`` and
+``data.debian_dir`` take their defaults. A checkpoint may come from anyone, or from another
+machine, and must not choose which files are read or written here; one log line names the
+paths of its config that were not used. (``sample`` uses none of them either: it reads the run's
+checkpoint and writes --out.)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import io
 import logging
 import math
 import pickle
@@ -74,23 +86,40 @@ class InceptionFeatures(nn.Module):
         super().__init__()
         from torchmetrics.image.fid import NoTrainInceptionV3
 
-        # torch-fidelity loads the file with weights_only=False: check it holds only tensors.
+        state = checked_weights(weights)
+        # torch-fidelity torch.loads what it is given with weights_only=False: it gets these
+        # checked tensors, serialised here, never the file (which may have been replaced since).
+        tensors = io.BytesIO()
+        torch.save(state, tensors)
+        tensors.seek(0)
         try:
-            torch.load(weights, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-            raise UserError(f"{weights} is not a loadable weights file "
-                            f"({str(e).splitlines()[0]}); download it again from "
-                            f"{INCEPTION_URL}") from None
-        try:
-            self.inception = NoTrainInceptionV3(name="inception-v3-compat",
-                                                features_list=[str(self.num_features)],
-                                                feature_extractor_weights_path=str(weights))
+            self.inception = NoTrainInceptionV3(
+                name="inception-v3-compat", features_list=[str(self.num_features)],
+                feature_extractor_weights_path=tensors)  # type: ignore[arg-type]  # a file
         except RuntimeError as e:
             raise UserError(f"{weights} does not hold InceptionV3 FID weights "
                             f"({str(e).splitlines()[0]})") from None
 
     def forward(self, images: Tensor) -> Tensor:
         return self.inception(images.expand(-1, 3, -1, -1))
+
+
+def checked_weights(path: Path) -> dict[str, Tensor]:
+    """A weights file's state dict: its bytes read once and loaded with weights_only=True, so
+    what is used is what was checked."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path} cannot be read ({e.strerror or e})") from None
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        raise UserError(f"{path} is not a loadable weights file ({str(e).splitlines()[0]}); "
+                        f"download it again from {INCEPTION_URL}") from None
+    if not (isinstance(state, dict) and all(type(v) is Tensor for v in state.values())):
+        raise UserError(f"{path} holds no state dict of tensors; download it again from "
+                        f"{INCEPTION_URL}")
+    return state
 
 
 def inception_weights(path: str | Path | None) -> Path:
@@ -221,6 +250,32 @@ def real_fid(cfg: Config, fc: FidConfig, split: str) -> dict[str, Any]:
                 break
     return {"fid": float(metric.compute()), "split": split, "reference": fc.reference,
             "num_samples": seen, "features": fc.features}
+
+
+def local_paths(cfg: Config, data_root: str, data_path: str | None,
+                inception: str | None) -> Config:
+    """A checkpoint's config with every path replaced by the fid command's flags or defaults
+    (see the module docstring), and one log line naming those of the checkpoint not used."""
+    default = DataConfig()
+    if cfg.data.dataset == "image_folder" and not data_path:
+        raise UserError(f"this run trained on an image folder ({cfg.data.path} in its "
+                        "checkpoint): pass the folder with --data-path (paths in a checkpoint "
+                        "are not used)")
+    data = dataclasses.replace(cfg.data, root=data_root, path=data_path,
+                               debian_dir=default.debian_dir, download=default.download)
+    fc = dataclasses.replace(cfg.fid, inception_weights=inception)
+    local = dataclasses.replace(cfg, data=data, fid=fc)
+    unused = [f"{key}={value}" for key, value, used in (
+        ("data.root", cfg.data.root, data.root), ("data.path", cfg.data.path, data.path),
+        ("data.debian_dir", cfg.data.debian_dir, data.debian_dir),
+        ("data.download", cfg.data.download, data.download),
+        ("fid.inception_weights", cfg.fid.inception_weights, fc.inception_weights))
+        if value != used]
+    if unused:
+        log.info("not used from the checkpoint's config: %s (fid reads and writes only where "
+                 "its flags say: --data-root %s%s)", ", ".join(unused), data_root,
+                 f" --data-path {data_path}" if data_path else "")
+    return local
 
 
 def chunk_labels(chunk: int, batch_size: int, num_samples: int, num_classes: int) -> Tensor:

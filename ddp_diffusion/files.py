@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import errno
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from ddp_diffusion.errors import WriteFailed
+from ddp_diffusion.errors import UserError, WriteFailed
 
 TEMP_MARK = ".tmp-"  # temp files are ".<name>.tmp-<pid>"; a killed writer's are removed at start
 
@@ -84,6 +85,24 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> Path:
 def write_text_atomic(path: Path, text: str) -> Path:
     """`write_atomic` of a UTF-8 text."""
     return write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def check_writable(path: Path, flag: str) -> None:
+    """Raise UserError unless a file can be created at `path` (its folder is made if missing):
+    checked before the work whose result goes there, which a late failure would throw away."""
+    try:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:  # a file where a folder of the path should be
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)) from None
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+        # A real file, as the final write makes one: a read-only mount, a full inode table or a
+        # folder without write permission all fail here, and os.access misses some of them.
+        tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.probe-").close()
+    except OSError as e:
+        raise UserError(f"{flag} {path} cannot be written ({e.strerror or e}); choose another "
+                        "path") from None
 
 
 def append_text(path: Path, text: str) -> None:

@@ -7,9 +7,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from torchvision.utils import make_grid
 
 from ddp_diffusion import checkpoint, files
 from ddp_diffusion.config import Config, from_dict
@@ -74,22 +74,92 @@ def generate(denoiser: ConditionalDenoiser, diffusion: Diffusion, labels: torch.
     return images.float().clamp(-1, 1)
 
 
+# Pillow refuses to open an image of more pixels than this (DecompressionBombError), and so do
+# many viewers: a grid is kept below it, which also bounds its memory (3 bytes a pixel, 0.5 GiB).
+MAX_GRID_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
+MAX_SIDE = {"JPEG": 65535, "WEBP": 16383, "GIF": 65535}  # pixels a side a format can store
+
+
+def grid_size(rows: int, per_class: int, image_size: int) -> tuple[int, int]:
+    """(width, height) in pixels of a labelled grid: 2-pixel gaps, LABEL_WIDTH for the names."""
+    tile = image_size + 2
+    return LABEL_WIDTH + per_class * tile + 2, rows * tile + 2
+
+
+def check_grid(rows: int, per_class: int, image_size: int, path: Path) -> None:
+    """Raise UserError for a grid that its image file cannot hold or Pillow would not open."""
+    fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+    side = MAX_SIDE.get(fmt, 2**31 - 1)
+    width, height = grid_size(rows, per_class, image_size)
+    if width <= side and width * height <= MAX_GRID_PIXELS:
+        return
+    tile = image_size + 2
+    fit = min(side, MAX_GRID_PIXELS // height) - LABEL_WIDTH - 2
+    fix = (f"use --per-class {fit // tile} or fewer" if fit >= tile and height <= side
+           else "use fewer --classes")
+    raise UserError(f"--per-class {per_class}: a grid of {rows} classes x {per_class} images is "
+                    f"{width}x{height} pixels, more than {fmt} allows ({side} a side) or Pillow "
+                    f"opens ({MAX_GRID_PIXELS} pixels); {fix}")
+
+
+class Grid:
+    """A labelled grid image (one row of `per_class` tiles per name), filled chunk by chunk."""
+
+    def __init__(self, row_names: list[str] | tuple[str, ...], per_class: int, image_size: int,
+                 channels: int) -> None:
+        width, height = grid_size(len(row_names), per_class, image_size)
+        shape = (height, width, 3) if channels == 3 else (height, width)
+        self.pixels = np.full(shape, 255, dtype=np.uint8)  # white gaps and label column
+        self.row_names = row_names
+        self.per_class = per_class
+
+    def add(self, images: torch.Tensor, start: int) -> None:
+        """Place images in [-1, 1] at flat positions start, start + 1, ... (row-major)."""
+        # The same float steps as make_grid's (x + 1) / 2, then * 255 and round: the same bytes.
+        tiles = ((images + 1) / 2 * 255).round().byte().cpu().permute(0, 2, 3, 1).numpy()
+        tile = images.shape[-1] + 2
+        for i, pixels in enumerate(tiles, start):
+            y, x = 2 + (i // self.per_class) * tile, LABEL_WIDTH + 2 + (i % self.per_class) * tile
+            self.pixels[y:y + tile - 2, x:x + tile - 2] = pixels if pixels.shape[2] == 3 else (
+                pixels[:, :, 0])
+
+    def save(self, path: Path) -> Path:
+        """Write the image (format from the suffix) atomically; WriteFailed names the path."""
+        canvas = Image.fromarray(self.pixels)
+        draw = ImageDraw.Draw(canvas)
+        tile = (canvas.height - 2) // len(self.row_names)
+        for row, name in enumerate(self.row_names):
+            draw.text((4, row * tile + tile // 2 - 5), name[:14], fill="black")
+        fmt = Image.registered_extensions()[path.suffix.lower()]
+        return files.write_atomic(path, lambda f: canvas.save(f, format=fmt))
+
+
 def save_grid(images: torch.Tensor, row_names: list[str] | tuple[str, ...], per_class: int,
               path: Path) -> Path:
     """An image file with one labelled row of `per_class` images per name (greyscale or RGB)."""
-    grid = make_grid((images + 1) / 2, nrow=per_class, padding=2, pad_value=1.0)
-    rgb = images.shape[1] == 3
-    grid = (grid * 255).round().byte().cpu()
-    pixels = grid.permute(1, 2, 0).numpy() if rgb else grid[0].numpy()  # make_grid: 1 -> 3
-    tile = images.shape[-1] + 2
-    canvas = Image.new("RGB" if rgb else "L", (pixels.shape[1] + LABEL_WIDTH, pixels.shape[0]),
-                       color="white")
-    canvas.paste(Image.fromarray(pixels), (LABEL_WIDTH, 0))
-    draw = ImageDraw.Draw(canvas)
-    for row, name in enumerate(row_names):
-        draw.text((4, row * tile + tile // 2 - 5), name[:14], fill="black")
-    fmt = Image.registered_extensions()[path.suffix.lower()]
-    return files.write_atomic(path, lambda f: canvas.save(f, format=fmt))  # never via a link
+    grid = Grid(row_names, per_class, images.shape[-1], images.shape[1])
+    grid.add(images, 0)
+    return grid.save(path)
+
+
+def generate_grid(denoiser: ConditionalDenoiser, diffusion: Diffusion, classes: list[int],
+                  row_names: list[str], per_class: int, sampler: str, steps: int,
+                  guidance: float, seed: int, eta: float, precision: str, image_size: int,
+                  channels: int, chunk: int) -> Grid:
+    """`per_class` images of each class, generated `chunk` at a time into a Grid (memory stays
+    flat for any grid size).
+
+    The first chunk is seeded as one batch always was, so a grid of up to `chunk` images is the
+    same as before chunking; chunk c > 0 draws from its own seed (seed, c).
+    """
+    device = next(denoiser.parameters()).device
+    labels = torch.tensor(classes, device=device).repeat_interleave(per_class)
+    grid = Grid(row_names, per_class, image_size, channels)
+    for c, lo in enumerate(range(0, len(labels), chunk)):
+        grid.add(generate(denoiser, diffusion, labels[lo:lo + chunk], sampler, steps, guidance,
+                          seed=derive_seed(seed, "chunk", c) if c else seed, eta=eta,
+                          precision=precision, image_size=image_size, channels=channels), lo)
+    return grid
 
 
 def find_checkpoint(run_dir: Path, ckpt_path: Path | None) -> tuple[Path, dict]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY, run_cli
+from conftest import REPO, TINY, cli_env, run_cli
 from PIL import Image
 
 from ddp_diffusion.sample import parse_classes
@@ -34,6 +36,45 @@ def test_sample_cli_grid_size_and_determinism(trained_run: Path, tmp_path: Path)
     assert a.shape == (3 * 34 + 2, 84 + 3 * 34 + 2)
     assert np.array_equal(a, b)  # same seed, same pixels
     assert not np.array_equal(a, c)
+
+
+def test_a_grid_of_one_batch_is_the_one_batch_grid_as_before(trained_run: Path,
+                                                              tmp_path: Path) -> None:
+    """Up to --batch-size images are one generate() call, drawn into the grid make_grid drew."""
+    import torch
+    from torchvision.utils import make_grid
+
+    from ddp_diffusion.sample import LABEL_WIDTH, generate, load_run
+
+    out = tmp_path / "grid.png"
+    run_cli("sample", "--run", str(trained_run), "--classes", "1,7", "--per-class", "3",
+            "--sampler", "ddim", "--steps", "5", "--seed", "3", "--out", str(out))
+    run = load_run(trained_run, None, None, torch.device("cpu"))
+    images = generate(run.denoiser, run.diffusion, torch.tensor([1, 1, 1, 7, 7, 7]), "ddim", 5,
+                      run.cfg.sample.guidance, seed=3, image_size=32, channels=1)
+    expected = (make_grid((images + 1) / 2, nrow=3, padding=2, pad_value=1.0) * 255).round()
+    assert np.array_equal(_grid(out)[:, LABEL_WIDTH:], expected.byte()[0].numpy())
+
+
+def _peak_rss_mib(*args: str) -> float:
+    """The peak resident memory of a CLI process (MiB), which prints it as its last line."""
+    code = ("import resource, sys; from ddp_diffusion.cli import main; rc = main(sys.argv[1:]); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          env=cli_env(), cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return int(proc.stdout.splitlines()[-1]) / 1024
+
+
+def test_a_large_grid_is_generated_in_chunks_with_flat_memory(trained_run: Path,
+                                                               tmp_path: Path) -> None:
+    args = ["sample", "--run", str(trained_run), "--sampler", "ddim", "--steps", "1",
+            "--batch-size", "20"]
+    small = _peak_rss_mib(*args, "--per-class", "2", "--out", str(tmp_path / "small.png"))
+    large = _peak_rss_mib(*args, "--per-class", "40", "--out", str(tmp_path / "large.png"))
+    # 400 images in one batch hold ~300 MiB of activations; 20 at a time, ~15 MiB.
+    assert large - small < 100, (small, large)
+    assert _grid(tmp_path / "large.png").shape == (10 * 34 + 2, 84 + 40 * 34 + 2)
 
 
 def test_sample_uses_the_ema_weights_unless_the_run_or_a_flag_says_otherwise(

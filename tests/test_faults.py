@@ -600,6 +600,119 @@ def test_sample_and_fid_name_what_is_wrong_with_the_run_or_the_output(trained: P
         assert (proc.returncode, proc.stderr) == (2, f"error: {message}\n"), args
 
 
+def test_sample_takes_the_new_newest_checkpoint_when_the_newest_is_pruned_as_it_reads(
+        trained: Path, tmp_path: Path) -> None:
+    """A training run saves step 4 and prunes step 3 just as `sample` opens step 3, the newest
+    file it listed: the deletion happens for real at that open (an audit hook on this process's
+    file opens), and load_run lists again instead of retrying the deleted path."""
+    from ddp_diffusion.sample import load_run
+
+    ckpts = tmp_path / "run" / "checkpoints"
+    state = checkpoint.read(path_for(trained / "checkpoints", 2))
+    for step in (2, 3):
+        checkpoint.write_atomic({**state, "step": step}, path_for(ckpts, step))
+    doomed, saved = path_for(ckpts, 3), path_for(ckpts, 4)
+    armed = [True]
+
+    def prune_on_open(event: str, args: tuple) -> None:
+        if event == "open" and armed and os.fspath(args[0]) == str(doomed):
+            armed.clear()  # once; the hook stays installed in this process but does nothing
+            checkpoint.write_atomic({**state, "step": 4}, saved)
+            doomed.unlink()
+
+    sys.addaudithook(prune_on_open)
+    try:
+        start_s = time.monotonic()
+        run = load_run(tmp_path / "run", None, None, torch.device("cpu"))
+    finally:
+        armed.clear()
+    assert run.step == 4 and not doomed.exists()
+    assert time.monotonic() - start_s < 2.0  # no read retries (1 s + 2 s of back-off)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path: Path) -> Iterator[Path]:
+    """A folder bind-mounted read-only (root writes through permission bits, not through this)."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("a read-only bind mount needs root")
+    for cmd in (["mount", "--bind", str(folder), str(folder)],
+                ["mount", "-o", "remount,ro,bind", str(folder)]):
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            subprocess.run(["umount", str(folder)], capture_output=True)
+            pytest.skip(f"cannot bind-mount read-only here: {proc.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+TINY_FID = ["--num-samples", "4", "--batch-size", "4", "--sampler", "ddim", "--steps", "2"]
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_sampling(
+        trained: Path, tmp_path: Path, read_only_dir: Path) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    for out, reason in [(read_only_dir / "grid.png", "Read-only file system"),
+                        (tmp_path / "file" / "grid.png", "Not a directory"),
+                        (tmp_path, "Is a directory")]:
+        for cmd in (["sample", "--run", str(trained), "--out"],
+                    ["fid", "--run", str(trained), *TINY_FID, "--out"]):
+            target = out if cmd[0] == "sample" or out == tmp_path else out.with_suffix(".json")
+            if cmd[0] == "sample" and out == tmp_path:
+                target = tmp_path / "grid.png"
+                target.mkdir()
+            proc = run_cli(*cmd, str(target), check=False)
+            # The only line: no log of sampling (or of anything else) came before it.
+            assert (proc.returncode, proc.stderr) == (
+                2, f"error: --out {target} cannot be written ({reason}); choose another path\n"
+            ), cmd
+            assert proc.stdout == ""
+    assert os.listdir(read_only_dir) == []
+
+
+def test_a_grid_too_large_for_its_image_file_is_refused_before_any_sampling(
+        trained: Path, tmp_path: Path) -> None:
+    # 100000 a class is 3.4 million pixels wide (26 GB of noise before), more than Pillow opens:
+    # 84 + 34 n + 2 pixels wide, 342 high, fits 178956970 pixels up to n = 15387.
+    for out, per_class, message in [
+        (tmp_path / "grid.png", 100000,
+         "--per-class 100000: a grid of 10 classes x 100000 images is 3400086x342 pixels, more "
+         "than PNG allows (2147483647 a side) or Pillow opens (178956970 pixels); use "
+         "--per-class 15387 or fewer"),
+        (tmp_path / "grid.webp", 500,
+         "--per-class 500: a grid of 10 classes x 500 images is 17086x342 pixels, more than "
+         "WEBP allows (16383 a side) or Pillow opens (178956970 pixels); use --per-class 479 "
+         "or fewer"),
+    ]:
+        start_s = time.monotonic()
+        proc = run_cli("sample", "--run", str(trained), "--per-class", str(per_class), "--out",
+                       str(out), check=False)
+        assert (proc.returncode, proc.stderr) == (2, f"error: {message}\n")
+        assert not out.exists() and time.monotonic() - start_s < 60
+
+
+def test_a_disk_that_fills_before_the_grid_is_written_fails_with_one_line(
+        trained: Path, small_disk: Path) -> None:
+    filler = small_disk / "filler"
+    with filler.open("wb") as f:  # fill every block: an empty file still fits (an inode)
+        try:
+            while True:
+                f.write(b"\0" * 2**16)
+                f.flush()
+        except OSError:
+            pass
+    out = small_disk / "grid.png"
+    proc = run_cli("sample", "--run", str(trained), "--out", str(out), check=False)
+    assert proc.returncode == 74
+    assert re.fullmatch(rf"error: could not write {re.escape(str(out))} \(No space left on "
+                        r"device; 0\.0 MiB free there\)", last_line(proc))
+    assert "sampling 20 images" in proc.stderr  # the work was done; only its write failed
+    assert sorted(os.listdir(small_disk)) == ["filler"]  # no partial grid or temp file
+
+
 # ----------------------------------------------------------------------------- stops and faults
 
 

@@ -7,6 +7,8 @@ import copy
 import dataclasses
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +29,7 @@ from conftest import (
 )
 from scipy import linalg
 
-from ddp_diffusion import classifier, fid
+from ddp_diffusion import checkpoint, classifier, fid
 from ddp_diffusion.classifier import accuracy, card, load_classifier, to_uint8
 from ddp_diffusion.config import Config, DataConfig, FidConfig
 from ddp_diffusion.errors import UserError
@@ -35,6 +37,12 @@ from ddp_diffusion.sources import load_split
 
 FID_ARGS = ["--num-samples", "40", "--batch-size", "8", "--sampler", "ddim", "--steps", "5",
             "--guidance", "2.0", "--reference", "train"]
+
+
+@pytest.fixture(scope="module")
+def fid_args(tiny_data: Path) -> list[str]:
+    """FID_ARGS on the tiny data: the fid command takes no path from a checkpoint's config."""
+    return [*FID_ARGS, "--data-root", str(tiny_data)]
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +160,7 @@ def test_classifier_checksum_is_verified(tmp_path: Path) -> None:
 
 
 def test_fid_cli_writes_json_and_in_training_fid_is_logged(trained_run: Path,
+                                                           fid_args: list[str],
                                                            tmp_path: Path) -> None:
     records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text()
                .splitlines()]
@@ -160,14 +169,14 @@ def test_fid_cli_writes_json_and_in_training_fid_is_logged(trained_run: Path,
     assert all(r["fid"] > 0 and 0 <= r["class_accuracy"] <= 1 for r in fid_records)
 
     out = tmp_path / "result.json"
-    proc = run_cli("fid", "--run", str(trained_run), *FID_ARGS, "--seed", "1", "--out", str(out))
+    proc = run_cli("fid", "--run", str(trained_run), *fid_args, "--seed", "1", "--out", str(out))
     result = json.loads(out.read_text())
     assert json.loads(proc.stdout) == result
     assert result["step"] == 10 and result["num_samples"] == 40 and result["world_size"] == 1
     assert result["features"] == "fashion" and result["reference_samples"] == 160
     assert result["fid"] > 0 and result["samples_per_s"] > 0 and result["wall_s"] > 0
     assert result["class_accuracy"] in {k / 40 for k in range(41)}
-    other = json.loads(run_cli("fid", "--run", str(trained_run), *FID_ARGS, "--seed", "2")
+    other = json.loads(run_cli("fid", "--run", str(trained_run), *fid_args, "--seed", "2")
                        .stdout)
     assert other["reference_cached"]  # the first run cached the statistics
     assert other["samples_sha256"] != result["samples_sha256"]  # another seed, other images
@@ -175,10 +184,11 @@ def test_fid_cli_writes_json_and_in_training_fid_is_logged(trained_run: Path,
 
 
 @pytest.mark.slow
-def test_same_samples_and_fid_for_world_size_1_and_2(trained_run: Path) -> None:
-    one = json.loads(run_cli("fid", "--run", str(trained_run), *FID_ARGS).stdout)
+def test_same_samples_and_fid_for_world_size_1_and_2(trained_run: Path,
+                                                     fid_args: list[str]) -> None:
+    one = json.loads(run_cli("fid", "--run", str(trained_run), *fid_args).stdout)
     # torchrun's parser takes '--run' for its --run-path: the alias --run-dir avoids that.
-    two = json.loads(run_torchrun(2, "fid", "--run-dir", str(trained_run), *FID_ARGS).stdout)
+    two = json.loads(run_torchrun(2, "fid", "--run-dir", str(trained_run), *fid_args).stdout)
     assert (one["world_size"], two["world_size"]) == (1, 2)
     assert two["samples_sha256"] == one["samples_sha256"]
     assert two["class_accuracy"] == one["class_accuracy"]
@@ -189,9 +199,10 @@ def test_same_samples_and_fid_for_world_size_1_and_2(trained_run: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("num_samples", [16, 40], ids=["2-chunks-on-3-ranks", "5-chunks-uneven"])
 def test_3_ranks_with_fewer_or_uneven_chunks_give_the_one_rank_result(trained_run: Path,
+                                                                      fid_args: list[str],
                                                                       num_samples: int) -> None:
     """A rank with no chunk adds nothing, yet joins the sum over ranks (it used to crash)."""
-    args = [*FID_ARGS, "--num-samples", str(num_samples)]  # the later flag wins
+    args = [*fid_args, "--num-samples", str(num_samples)]  # the later flag wins
     one = json.loads(run_cli("fid", "--run", str(trained_run), *args).stdout)
     three = json.loads(run_torchrun(3, "fid", "--run-dir", str(trained_run), *args).stdout)
     assert (one["world_size"], three["world_size"]) == (1, 3)
@@ -205,7 +216,8 @@ def test_3_ranks_with_fewer_or_uneven_chunks_give_the_one_rank_result(trained_ru
 def test_in_training_fid_on_more_ranks_than_chunks_equals_the_fid_command(tiny_data: Path,
                                                                            tmp_path: Path) -> None:
     out = tmp_path / "three"
-    fid_settings = ("--num-samples", "20", "--batch-size", "10", "--steps", "3")  # 2 chunks
+    fid_settings = ("--num-samples", "20", "--batch-size", "10", "--steps", "3",  # 2 chunks
+                    "--data-root", str(tiny_data))
     run_torchrun(3, "train", *TINY, f"out_dir={out}", f"data.root={tiny_data}",
                  "train.batch_size=24", "train.max_steps=5", "fid.every=5",
                  "fid.num_samples=20", "fid.batch_size=10", "fid.steps=3")
@@ -235,13 +247,15 @@ def test_in_training_fid_under_torchrun_matches_one_process(trained_run: Path, t
 
 
 def test_missing_inception_weights_offline_is_one_clear_line(trained_run: Path,
+                                                             tiny_data: Path,
                                                              tmp_path: Path) -> None:
     # No network here; a proxy that refuses connections makes that certain on any machine.
     env = cli_env()
     env.update({"TORCH_HOME": str(tmp_path / "torch"), "https_proxy": "http://127.0.0.1:9",
                 "HTTPS_PROXY": "http://127.0.0.1:9", "no_proxy": "", "NO_PROXY": ""})
     proc = subprocess.run([sys.executable, "-m", "ddp_diffusion", "fid", "--run",
-                           str(trained_run), "--features", "inception", "--num-samples", "4"],
+                           str(trained_run), "--data-root", str(tiny_data), "--features",
+                           "inception", "--num-samples", "4"],
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert proc.returncode == 2
     target = tmp_path / "torch" / "hub" / "checkpoints" / fid.INCEPTION_FILE
@@ -308,6 +322,82 @@ class _Payload:
     """An arbitrary Python object: weights_only loading must refuse it."""
 
 
+class _RunsCode:
+    """Unpickled by a full unpickler, it makes a folder: proof that the file's code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return os.mkdir, (str(self.marker),)
+
+
+def test_the_inception_weights_used_are_the_bytes_that_were_checked(tmp_path: Path) -> None:
+    """The weights path is a symlink an attacker points at a crafted file as soon as the check
+    has opened the good one (for real, at the next audit event of this process: before any
+    further read of the path): the extractor holds the checked weights and the crafted file's
+    code never runs."""
+    state = _random_inception_state_dict()
+    good, crafted, marker = tmp_path / "good.pth", tmp_path / "crafted.pth", tmp_path / "ran"
+    torch.save(state, good)
+    torch.save({"fc.weight": _RunsCode(marker)}, crafted)
+    link = tmp_path / "weights.pth"
+    link.symlink_to(good)
+    opened: list[str] = []
+
+    def swap_after_the_check(event: str, args: tuple) -> None:
+        if opened == ["checked"]:
+            opened.append("swapped")  # first: the swap's own calls are audit events too
+            link.unlink()
+            link.symlink_to(crafted)
+        elif not opened and event == "open" and os.fspath(args[0]) == str(link):
+            opened.append("checked")
+
+    sys.addaudithook(swap_after_the_check)
+    try:
+        extractor = fid.build_extractor("inception", link)
+    finally:
+        opened.append("done")  # the hook stays installed in this process and does nothing
+    assert opened[:2] == ["checked", "swapped"] and link.resolve() == crafted
+    assert not marker.exists()
+    loaded = extractor.inception.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
+def test_fid_uses_no_path_from_a_checkpoint(trained_run: Path, tiny_data: Path,
+                                            tmp_path: Path) -> None:
+    """A checkpoint whose config names a data root (where the reference cache would be written)
+    and Inception weights: fid writes its cache under --data-root and takes the weights from
+    the torch hub cache, and says which of the checkpoint's paths it did not use."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    _, path = checkpoint.list_checkpoints(run / "checkpoints")[-1]
+    state = checkpoint.read(path)
+    elsewhere, crafted = tmp_path / "elsewhere", tmp_path / "crafted.pth"
+    crafted.write_text("not weights")
+    state["config"]["data"]["root"] = str(elsewhere)
+    state["config"]["fid"]["inception_weights"] = str(crafted)
+    checkpoint.write_atomic(state, path)
+    torch_home = tmp_path / "torch"
+    cached = torch_home / "hub" / "checkpoints" / fid.INCEPTION_FILE
+    cached.parent.mkdir(parents=True)
+    torch.save(_random_inception_state_dict(), cached)
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    cached_before = set(os.listdir(data / "fid_reference"))  # other tests' fashion caches
+
+    proc = run_cli("fid", "--run", str(run), "--data-root", str(data), "--features", "inception",
+                   "--reference", "test", "--num-samples", "4", "--batch-size", "4", "--steps",
+                   "2", env={"TORCH_HOME": str(torch_home)})
+    assert json.loads(proc.stdout)["reference_samples"] == 40  # the tiny test split
+    assert not elsewhere.exists()
+    (cache,) = set(os.listdir(data / "fid_reference")) - cached_before
+    assert cache.startswith("fashion_mnist-test-")
+    assert (f"not used from the checkpoint's config: data.root={elsewhere}, "
+            f"fid.inception_weights={crafted} (fid reads and writes only where its flags say: "
+            f"--data-root {data})") in proc.stderr
+
+
 def test_fid_of_an_image_folder_run_uses_inception_and_its_own_images(tmp_path: Path) -> None:
     """Reference statistics come from the run's folder (cached), class accuracy is left out
     (no classifier for this data), and the Fashion-MNIST features are refused."""
@@ -318,7 +408,8 @@ def test_fid_of_an_image_folder_run_uses_inception_and_its_own_images(tmp_path: 
             "train.batch_size=4")
     weights = tmp_path / "inception.pth"
     torch.save(_random_inception_state_dict(), weights)
-    args = ["fid", "--run", str(out), "--features", "inception", "--inception-weights",
+    paths = ["--data-root", str(data), "--data-path", str(pets)]
+    args = ["fid", "--run", str(out), *paths, "--features", "inception", "--inception-weights",
             str(weights), "--num-samples", "6", "--batch-size", "3", "--steps", "2"]
     first = json.loads(run_cli(*args, "--out", str(tmp_path / "a.json")).stdout)
     assert first["dataset"] == "image_folder" and "class_accuracy" not in first
@@ -328,7 +419,7 @@ def test_fid_of_an_image_folder_run_uses_inception_and_its_own_images(tmp_path: 
     assert again["reference_cached"] is True and again["fid"] == first["fid"]
     (cache,) = (data / "fid_reference").iterdir()
     assert cache.name.startswith("image_folder-train-")
-    refused = run_cli("fid", "--run", str(out), "--features", "fashion", check=False)
+    refused = run_cli("fid", "--run", str(out), *paths, "--features", "fashion", check=False)
     assert (refused.returncode, refused.stderr) == (2, (
         "error: --features=fashion uses a Fashion-MNIST classifier (32x32, by class); for "
         "image_folder use --features=inception\n"))

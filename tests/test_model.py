@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import statistics
+import time
 from typing import Any
 
 import pytest
@@ -75,6 +76,16 @@ def test_forward_gflops() -> None:
     small = build_denoiser(ModelConfig(channels=16, channel_mult=[1, 2], num_res_blocks=1,
                                        num_classes=10, in_channels=1), 1000)
     assert 0 < forward_gflops(small, 32) < 0.2
+
+
+def test_forward_gflops_of_a_large_image_allocates_nothing() -> None:
+    """4096x4096 needed tens of GB of real activations to be counted. The code-along's U-Net is
+    all convolutions (no attention): its FLOPs grow exactly with the pixels."""
+    seed = build_denoiser(ModelConfig(name="seed_unet", num_classes=10, in_channels=1), 1000)
+    start_s = time.monotonic()
+    assert forward_gflops(seed, 4096) == pytest.approx(forward_gflops(seed, 32) * 128**2,
+                                                       rel=1e-6)
+    assert time.monotonic() - start_s < 10  # the 32x32 count alone took ~0.1 s of real compute
 
 
 def test_keyed_dropout_gives_a_sample_the_same_mask_in_any_batch() -> None:
