@@ -309,16 +309,38 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def forward_gflops(denoiser: ConditionalDenoiser, image_size: int, channels: int = 1) -> float:
-    """Forward GFLOP per image (multiply-add = 2 FLOPs), counted with torch's FlopCounterMode.
+def _meta_forward(denoiser: ConditionalDenoiser, image_size: int, channels: int,
+                  batch: int = 1) -> None:
+    """One forward of `batch` images on the meta device (shapes only, the module's tensors
+    swapped for meta ones): nothing is computed or allocated, so any size takes milliseconds."""
+    meta = {name: torch.empty_like(t, device="meta").requires_grad_(t.requires_grad)
+            for name, t in itertools.chain(denoiser.named_parameters(), denoiser.named_buffers())}
+    x = torch.zeros(batch, channels, image_size, image_size, device="meta")
+    index = torch.zeros(batch, dtype=torch.long, device="meta")  # the step, label and dropout key
+    torch.func.functional_call(denoiser, meta, (x, index, index), {"keys": index})
 
-    The forward runs on the meta device (shapes only, the module's tensors swapped for meta
-    ones): nothing is computed or allocated, so any image size is counted in milliseconds."""
-    meta = {name: torch.empty_like(t, device="meta") for name, t in
-            itertools.chain(denoiser.named_parameters(), denoiser.named_buffers())}
-    x = torch.zeros(1, channels, image_size, image_size, device="meta")
-    index = torch.zeros(1, dtype=torch.long, device="meta")  # the step, label and dropout key
+
+def forward_gflops(denoiser: ConditionalDenoiser, image_size: int, channels: int = 1) -> float:
+    """Forward GFLOP per image (multiply-add = 2 FLOPs), counted with torch's FlopCounterMode
+    on a meta forward."""
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        torch.func.functional_call(denoiser, meta, (x, index, index), {"keys": index})
+        _meta_forward(denoiser, image_size, channels)
     return counter.get_total_flops() / 1e9
+
+
+def activation_bytes(denoiser: ConditionalDenoiser, image_size: int, channels: int) -> int:
+    """Bytes (fp32) of the tensors autograd keeps from one image's forward for its backward:
+    what training memory grows by per image of a micro-batch. From meta forwards of 1 and 2
+    images, whose difference leaves out what does not grow with the batch (weights)."""
+    def saved_bytes(batch: int) -> int:
+        saved: dict[int, Tensor] = {}  # by identity: a tensor saved by two ops is stored once
+
+        def pack(t: Tensor) -> None:
+            saved[id(t)] = t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda _: None):
+            _meta_forward(denoiser, image_size, channels, batch)
+        return sum(t.numel() * t.element_size() for t in saved.values())
+
+    return saved_bytes(2) - saved_bytes(1)

@@ -43,13 +43,18 @@ from ddp_diffusion.errors import (
     UserError,
     WriteFailed,
 )
-from ddp_diffusion.model import build_denoiser, count_parameters, forward_gflops
+from ddp_diffusion.model import (
+    activation_bytes,
+    build_denoiser,
+    count_parameters,
+    forward_gflops,
+)
 from ddp_diffusion.nonfinite import NonFiniteSteps
 from ddp_diffusion.precision import autocast, bf16_is_fast, resolve_precision
 from ddp_diffusion.sample import generate, save_grid
 from ddp_diffusion.sources import open_source
 from ddp_diffusion.tracking import Tracker, new_run_id, truncate_metrics
-from ddp_diffusion.utilisation import achieved_tflops, peak_tflops
+from ddp_diffusion.utilisation import achieved_tflops, free_memory_bytes, peak_tflops
 
 log = logging.getLogger("ddp_diffusion")
 
@@ -179,6 +184,21 @@ def prepare_run_dir(cfg: Config, lock: rundir.RunLock) -> tuple[ResumePlan, Trac
     config.save(cfg, out_dir / rundir.CONFIG)
     truncate_metrics(out_dir / rundir.METRICS, saved.get("step", 0))
     return plan, tracker
+
+
+def check_memory(model: nn.Module, cfg: Config, micro: int, precision: str, env: DistEnv
+                 ) -> None:
+    """Refuse, on every rank and before the run directory is touched, a micro-batch whose
+    activations alone (a lower bound of what training needs) exceed the free memory."""
+    per_image = activation_bytes(model, cfg.model.image_size, cfg.model.in_channels)
+    need = micro * per_image // (1 if precision == "fp32" else 2)  # autocast halves most
+    free = free_memory_bytes(env.device)
+    if distributed.agree_any([need > free])[0]:
+        raise UserError(
+            f"model.image_size={cfg.model.image_size}: a micro-batch of {micro} image(s) keeps "
+            f"at least {need / 2**30:.1f} GiB of activations for the backward on each rank, more "
+            f"than the {free / 2**30:.1f} GiB free on {env.device} (rank {env.rank}); lower "
+            "train.batch_size or raise train.grad_accum, or use a smaller model.image_size")
 
 
 def log_resume(state: dict[str, Any], path: str, cfg: Config, env: DistEnv) -> None:
@@ -328,6 +348,18 @@ def _train(cfg: Config, env: DistEnv, stop: signals.StopRequest,
         cfg.model, len(source.class_names), source.channels))
     check_fits(tc.batch_size, len(source))  # before the run directory is touched
 
+    # The model (same init on every rank: DDP checks), and whether a micro-batch of it fits.
+    torch.manual_seed(cfg.seed)
+    diffusion = Diffusion(cfg.diffusion)
+    model = build_denoiser(cfg.model, diffusion.num_timesteps).to(env.device)
+    gflop = forward_gflops(model, cfg.model.image_size, source.channels)
+    check_memory(model, cfg, micro, precision, env)
+    peak = peak_tflops(env.device, precision, tc.peak_tflops)
+    log.info("model %s: %.2fM parameters, %.3f GFLOP forward per image; world size %d (%s, %s); "
+             "peak %s", cfg.model.name, count_parameters(model) / 1e6, gflop, env.world_size,
+             env.device, precision, f"{peak:g} TFLOP/s per device" if peak else
+             "unknown (set train.peak_tflops to log the fraction of it used)")
+
     # Rank 0 takes the run directory and picks the checkpoint; every rank then loads that one.
     prepared = distributed.run_on_main(env.is_main, functools.partial(prepare_run_dir, cfg, lock))
     plan, tracker = prepared or (None, None)
@@ -342,16 +374,7 @@ def _train(cfg: Config, env: DistEnv, stop: signals.StopRequest,
         except checkpoint.CheckpointError as e:
             raise UserError(f"rank {env.rank}: {e}") from None
 
-    # Model, EMA, optimizer, loss scaler. Same init on every rank (DDP checks).
-    torch.manual_seed(cfg.seed)
-    diffusion = Diffusion(cfg.diffusion)
-    model = build_denoiser(cfg.model, diffusion.num_timesteps).to(env.device)
-    gflop = forward_gflops(model, cfg.model.image_size, source.channels)
-    peak = peak_tflops(env.device, precision, tc.peak_tflops)
-    log.info("model %s: %.2fM parameters, %.3f GFLOP forward per image; world size %d (%s, %s); "
-             "peak %s", cfg.model.name, count_parameters(model) / 1e6, gflop, env.world_size,
-             env.device, precision, f"{peak:g} TFLOP/s per device" if peak else
-             "unknown (set train.peak_tflops to log the fraction of it used)")
+    # EMA, optimizer, loss scaler.
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = EMA(model)

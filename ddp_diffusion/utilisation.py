@@ -51,3 +51,13 @@ def achieved_tflops(images_per_s: float, train_gflop_per_image: float, world_siz
                     ) -> float:
     """TFLOP/s each device achieved, from the global images/s and the FLOPs per image."""
     return images_per_s * train_gflop_per_image / 1e3 / world_size
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory free for training on a device: the GPU's free memory, or the host's available
+    memory (MemAvailable) for a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["MemAvailable"].split()[0]) * 1024

@@ -511,6 +511,22 @@ def test_a_batch_larger_than_the_data_is_refused_before_an_earlier_run_is_moved(
     assert snapshot(out) == before and not (out / "archive").exists()
 
 
+def test_an_image_size_whose_activations_cannot_fit_is_refused_before_the_run_dir(
+        tiny_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = run_cli(*train_args(tiny_data, out, 2, "model.image_size=4096", "train.batch_size=8"),
+                   check=False)
+    assert proc.returncode == 2
+    need, free = map(float, re.fullmatch(
+        r"error: model.image_size=4096: a micro-batch of 8 image\(s\) keeps at least ([\d.]+) GiB "
+        r"of activations for the backward on each rank, more than the ([\d.]+) GiB free on cpu "
+        r"\(rank 0\); lower train.batch_size or raise train.grad_accum, or use a smaller "
+        r"model.image_size", last_line(proc)).groups())
+    assert need > 1000 > free  # terabytes of activations; this machine has gigabytes
+    assert not out.exists()
+    run_cli(*train_args(tiny_data, out, 1, "model.image_size=64", "train.batch_size=8"))
+
+
 def test_an_out_dir_that_cannot_be_created_fails_with_one_line(tiny_data: Path,
                                                                 tmp_path: Path) -> None:
     (tmp_path / "file").write_text("not a folder")
