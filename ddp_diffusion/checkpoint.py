@@ -213,6 +213,37 @@ def plan_resume(resume: str, ckpt_dir: Path) -> ResumePlan:
     return ResumePlan(path, state, [p for _, p in ckpts], new_run=True)
 
 
+# What a checkpoint records about its run rather than what training computed: two runs of the
+# same steps on the same data differ only in these (and in the W&B run id of `progress`).
+RUN_RECORD = ("format", "config", "versions", "world_size")
+
+
+def training_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Where two checkpoints differ in what training computed, bit for bit (every part but
+    RUN_RECORD and the run id): one 'where: how' per difference, none for the same training."""
+    def diff(x: object, y: object, where: str) -> list[str]:
+        if isinstance(x, torch.Tensor):
+            if not (isinstance(y, torch.Tensor) and x.dtype == y.dtype and x.shape == y.shape):
+                return [f"{where}: a tensor {tuple(x.shape)} {x.dtype} vs {y!r:.60}"]
+            return [] if torch.equal(x, y) else [
+                f"{where}: max difference {(x.double() - y.double()).abs().max().item():.3g}"]
+        if isinstance(x, dict) and isinstance(y, dict):
+            if x.keys() != y.keys():
+                return [f"{where}: keys {sorted(map(str, x.keys() ^ y.keys()))} in one only"]
+            return [d for k in x for d in diff(x[k], y[k], f"{where}.{k}")]
+        if isinstance(x, list | tuple) and isinstance(y, list | tuple) and len(x) == len(y):
+            return [d for i, (u, v) in enumerate(zip(x, y, strict=True))
+                    for d in diff(u, v, f"{where}[{i}]")]
+        return [] if x == y else [f"{where}: {x!r:.60} != {y!r:.60}"]
+
+    def trained(state: dict[str, Any]) -> dict[str, Any]:
+        out = {k: v for k, v in state.items() if k not in RUN_RECORD}
+        out["progress"] = {k: v for k, v in state["progress"].items() if k != "run_id"}
+        return out
+
+    return diff(trained(a), trained(b), "checkpoint")
+
+
 def frozen_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """'key: old -> new' for each frozen setting that differs between two configs."""
     old, new = flatten(saved), flatten(current)

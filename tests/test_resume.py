@@ -53,6 +53,22 @@ def test_resume_is_bitwise_exact_single_process(tiny_data: Path, tmp_path: Path,
     assert_same_run(tmp_path / "straight", tmp_path / "resumed")
 
 
+def test_same_training_means_every_part_but_the_run_record(tiny_data: Path,
+                                                          tmp_path: Path) -> None:
+    """What assert_same_run checks: every checkpointed part, one added later included."""
+    run_cli(*args(tiny_data, tmp_path / "a", 2))
+    a, b = final_state(tmp_path / "a"), final_state(tmp_path / "a")
+    b["progress"]["run_id"], b["world_size"], b["config"]["out_dir"] = "other", 7, "elsewhere"
+    assert checkpoint.training_differences(a, b) == []  # the run's record, not its training
+    b["optimizer"]["state"][0]["exp_avg"].view(-1)[0] += 1e-7
+    b["progress"]["images_seen"] += 1
+    assert [d.split(":")[0] for d in checkpoint.training_differences(a, b)] == [
+        "checkpoint.optimizer.state.0.exp_avg", "checkpoint.progress.images_seen"]
+    b["new_part"] = {}
+    assert checkpoint.training_differences(a, b) == [
+        "checkpoint: keys ['new_part'] in one only"]
+
+
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_a_stop_signal_mid_run_saves_exits_75_and_resumes_exactly(tiny_data: Path,
                                                                   tmp_path: Path,
