@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, cli_env, run_cli
+from conftest import REPO, TINY, assert_same_run, cli_env, run_cli
 from PIL import Image
 
 from ddp_diffusion import checkpoint
@@ -148,3 +148,23 @@ def test_fid_vs_steps_quick_page_has_the_floor_the_seed_spread_and_a_plot_per_gu
     seeded = [r for r in rows if "(2 seeds)" in r]
     assert [r.split(" | ")[0] for r in seeded] == ["| sde-dpm++"] * 2  # the headline row only
     assert Image.open(tmp_path / "out" / "fid_vs_steps.png").size == (1100, 380 * 2 + 60)
+
+
+@pytest.mark.slow
+def test_chaos_kills_of_every_kind_end_bitwise_equal_to_a_straight_run(tmp_path: Path) -> None:
+    """bench/chaos.py with one kill of each kind (rank or whole job, SIGKILL or SIGTERM), aimed
+    at training steps, a checkpoint write and a sample grid."""
+    proc = subprocess.run(
+        [sys.executable, "bench/chaos.py", "--kills", "4", "--seed", "1", "--work",
+         str(tmp_path / "work"), "--out-dir", str(tmp_path)],
+        capture_output=True, text=True, cwd=REPO, env=cli_env(), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "chaos.json").read_text())
+    assert sorted(k["kind"] for k in result["kills"]) == [
+        "job-kill", "job-term", "rank-kill", "rank-term"]
+    assert result["launches"] == 3  # the first, and one after each job-level kill
+    assert_same_run(tmp_path / "work" / "straight", tmp_path / "work" / "chaos")
+    run = tmp_path / "work" / "chaos"
+    assert not list(run.rglob(".*.tmp-*"))
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, result["steps"] + 1))

@@ -151,18 +151,26 @@ def test_submit_trains_to_max_steps_with_loss_logged(reference: dict) -> None:
     assert last["step"] == STEPS and 0 < last["loss"] < 1
 
 
-@pytest.mark.parametrize("how", ["submitit_interrupt", "scontrol_requeue"])
+STREAM = ("data.loader=stream", "data.num_workers=2")  # the memory loader's batches, bit for bit
+
+
+@pytest.mark.parametrize(("how", "loader"), [
+    ("submitit_interrupt", ()), ("scontrol_requeue", STREAM), ("scancel_term", STREAM)])
 def test_preempted_job_is_requeued_and_resumes_exactly(reference: dict, tiny_data: Path,
-                                                       tmp_path: Path, how: str) -> None:
+                                                       tmp_path: Path, how: str,
+                                                       loader: tuple[str, ...]) -> None:
+    """SLURM signals every process of the job step, the stream loader's workers too."""
     import submitit
 
     out = tmp_path / "run"
     proc = submit(tmp_path / "submitit", "--tasks-per-node", "2",
-                  *train_args(tiny_data, out, "tracking.wandb=offline"))
+                  *train_args(tiny_data, out, "tracking.wandb=offline", *loader))
     job_id = job_id_of(proc.stdout)
     wait_for_metrics_step(out, 3)
     if how == "submitit_interrupt":  # SIGTERM then USR2 to the steps; the job stays RUNNING
         submitit.SlurmJob(tmp_path / "submitit", job_id, tasks=(0, 1))._interrupt()
+    elif how == "scancel_term":  # SIGTERM to every process of the job's steps
+        subprocess.run(["scancel", "--signal=TERM", job_id], check=True)
     else:  # what an admin or preemption does: SIGTERM, and SLURM requeues the job itself
         subprocess.run(["scontrol", "requeue", job_id], check=True)
     assert wait_for_results(tmp_path / "submitit", job_id, 2) == [0, 0]
@@ -172,7 +180,8 @@ def test_preempted_job_is_requeued_and_resumes_exactly(reference: dict, tiny_dat
     assert 3 <= stopped_at < final == STEPS
     assert f"resuming from {checkpoint.path_for(out / 'checkpoints', stopped_at)} " \
            f"(step {stopped_at})" in log
-    if how == "submitit_interrupt":
+    assert "killed by signal" not in log  # no loader worker died of it
+    if how != "scontrol_requeue":
         assert "stopped by a signal while still RUNNING" in log
         assert "requeueing it (requeue 1 of at most 10)" in log
     else:
