@@ -30,9 +30,11 @@ def _train(args: argparse.Namespace) -> int:
     stop = signals.StopRequest()
     try:
         from ddp_diffusion import config
+
+        cfg = config.load(args.config, args.overrides)  # torch-free: a bad setting fails fast
         from ddp_diffusion.train import train
 
-        return train(config.load(args.config, args.overrides), stop)
+        return train(cfg, stop)
     finally:
         signals.ignore_stop_signals()  # this process only exits from here on
 
