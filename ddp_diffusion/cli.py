@@ -75,17 +75,19 @@ def _overrides(args: argparse.Namespace, flags: tuple[str, ...]) -> dict[str, ob
 
 
 def _sample(args: argparse.Namespace) -> int:
-    import torch
     from PIL import Image
 
     from ddp_diffusion.files import check_writable
-    from ddp_diffusion.sample import check_grid, generate_grid, load_run, parse_classes
 
-    _check_flags(args)
+    _check_flags(args)  # before torch is imported: a bad flag fails fast
     out = Path(args.out)
     check(out.suffix.lower() in Image.registered_extensions(),
           f"--out {out}: name an image file, e.g. grid.png (PNG, JPEG, WebP, ...)")
     check_writable(out, "--out")
+    import torch
+
+    from ddp_diffusion.sample import check_grid, generate_grid, load_run, parse_classes
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     run = load_run(Path(args.run), args.checkpoint and Path(args.checkpoint), args.ema, device)
     classes = parse_classes(args.classes, run.class_names)
@@ -109,12 +111,12 @@ def _sample(args: argparse.Namespace) -> int:
 def _fid(args: argparse.Namespace) -> int:
     import json
 
+    _check_flags(args)  # before torch is imported: a bad flag fails fast
     from ddp_diffusion import distributed
     from ddp_diffusion.fid import evaluate, local_paths
     from ddp_diffusion.files import check_writable, write_atomic
     from ddp_diffusion.sample import load_run
 
-    _check_flags(args)
     env = distributed.init()
     try:
         if args.out:  # only rank 0 writes it

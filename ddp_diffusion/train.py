@@ -354,11 +354,6 @@ def _train(cfg: Config, env: DistEnv, stop: signals.StopRequest,
     model = build_denoiser(cfg.model, diffusion.num_timesteps).to(env.device)
     gflop = forward_gflops(model, cfg.model.image_size, source.channels)
     check_memory(model, cfg, micro, precision, env)
-    peak = peak_tflops(env.device, precision, tc.peak_tflops)
-    log.info("model %s: %.2fM parameters, %.3f GFLOP forward per image; world size %d (%s, %s); "
-             "peak %s", cfg.model.name, count_parameters(model) / 1e6, gflop, env.world_size,
-             env.device, precision, f"{peak:g} TFLOP/s per device" if peak else
-             "unknown (set train.peak_tflops to log the fraction of it used)")
 
     # Rank 0 takes the run directory and picks the checkpoint; every rank then loads that one.
     prepared = distributed.run_on_main(env.is_main, functools.partial(prepare_run_dir, cfg, lock))
@@ -375,6 +370,11 @@ def _train(cfg: Config, env: DistEnv, stop: signals.StopRequest,
             raise UserError(f"rank {env.rank}: {e}") from None
 
     # EMA, optimizer, loss scaler.
+    peak = peak_tflops(env.device, precision, tc.peak_tflops)
+    log.info("model %s: %.2fM parameters, %.3f GFLOP forward per image; world size %d (%s, %s); "
+             "peak %s", cfg.model.name, count_parameters(model) / 1e6, gflop, env.world_size,
+             env.device, precision, f"{peak:g} TFLOP/s per device" if peak else
+             "unknown (set train.peak_tflops to log the fraction of it used)")
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = EMA(model)
