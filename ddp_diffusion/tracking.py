@@ -27,14 +27,15 @@ def new_run_id() -> str:
     return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
-def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop records logged after `last_step` (work lost by a crash that a resume redoes).
+def metrics_kept(path: Path, last_step: int) -> str | None:
+    """metrics.jsonl without the records logged after `last_step` (work lost by a crash that a
+    resume redoes); None if there is no such file. Only reads: the caller writes it back.
 
     A torn last line (a crash mid-write) is dropped with a warning; a bad line elsewhere is an
     error naming it.
     """
     if not path.is_file():
-        return
+        return None
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     kept = []
     for n, line in enumerate(lines, 1):
@@ -49,7 +50,7 @@ def truncate_metrics(path: Path, last_step: int) -> None:
             continue
         if record.get("step", 0) <= last_step:
             kept.append(line)
-    files.write_text_atomic(path, "".join(line + "\n" for line in kept))
+    return "".join(line + "\n" for line in kept)
 
 
 class Tracker:

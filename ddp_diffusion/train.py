@@ -53,7 +53,7 @@ from ddp_diffusion.nonfinite import NonFiniteSteps
 from ddp_diffusion.precision import autocast, bf16_is_fast, resolve_precision
 from ddp_diffusion.sample import generate, save_grid
 from ddp_diffusion.sources import open_source
-from ddp_diffusion.tracking import Tracker, new_run_id, truncate_metrics
+from ddp_diffusion.tracking import Tracker, metrics_kept, new_run_id
 from ddp_diffusion.utilisation import achieved_tflops, free_memory_bytes, peak_tflops
 
 log = logging.getLogger("ddp_diffusion")
@@ -178,11 +178,14 @@ def prepare_run_dir(cfg: Config, lock: rundir.RunLock) -> tuple[ResumePlan, Trac
     if plan.state is not None:
         checkpoint.check_compatible(plan.state["config"], config.to_dict(cfg), plan.path)
     saved = plan.state["progress"] if plan.state is not None else {}
+    metrics = None if plan.new_run else metrics_kept(out_dir / rundir.METRICS,
+                                                     saved.get("step", 0))
     # W&B starts (or fails with one line) before anything of an earlier run is moved.
     tracker = Tracker(cfg, saved.get("run_id") or new_run_id(), active=True)
     rundir.move_aside(out_dir, plan.move_aside, plan.new_run)
     config.save(cfg, out_dir / rundir.CONFIG)
-    truncate_metrics(out_dir / rundir.METRICS, saved.get("step", 0))
+    if metrics is not None:
+        files.write_text_atomic(out_dir / rundir.METRICS, metrics)
     return plan, tracker
 
 

@@ -563,6 +563,22 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(tiny_data: Path, tmp_path
     assert metrics_steps(out) == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_bad_metrics_line_is_refused_before_newer_checkpoints_are_moved_aside(
+        tiny_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run_cli(*train_args(tiny_data, out, 4))
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    lines[1] = "not a record"
+    (out / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    before = snapshot(out)
+    proc = run_cli(*train_args(tiny_data, out, 4,
+                               f"train.resume={path_for(out / 'checkpoints', 2)}"), check=False)
+    assert (proc.returncode, last_line(proc)) == (
+        2, f"error: {out / 'metrics.jsonl'} line 2 is not a JSON record ('not a record'); fix or "
+           "delete that line")
+    assert snapshot(out) == before and not (out / "archive").exists()  # checkpoint 4 stays
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("faults") / "run"
