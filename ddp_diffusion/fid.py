@@ -201,8 +201,8 @@ def reference_stats(extractor: nn.Module, data: DataConfig, split: str, image_si
     if split not in ("train", "test"):
         raise UserError(f"unknown FID reference {split!r}; use train or test")
     source = open_source(data, image_size, data.num_workers, train=split == "train")
-    key = hashlib.sha256(f"{source.dataset}:{split}:{source.fingerprint}:{image_size}:"
-                         f"{checksum(extractor)}".encode()).hexdigest()
+    key = hashlib.sha256(f"{source.dataset}:{split}:{source.fingerprint}:{source.content}:"
+                         f"{image_size}:{checksum(extractor)}".encode()).hexdigest()
     path = Path(data.root) / "fid_reference" / f"{source.dataset}-{split}-{key[:24]}.pt"
     if path.is_file():
         try:

@@ -17,7 +17,6 @@ import gzip
 import hashlib
 import json
 import logging
-import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,8 +30,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import CIFAR10, MNIST, FashionMNIST
 
+from ddp_diffusion import files
 from ddp_diffusion.config import DataConfig
-from ddp_diffusion.errors import UserError
+from ddp_diffusion.errors import UserError, WriteFailed
 from ddp_diffusion.signals import loader_worker_init
 
 log = logging.getLogger("ddp_diffusion")
@@ -66,12 +66,14 @@ def prepare(root: str | Path, debian_dir: str | Path, download: bool) -> None:
         return
     debian = Path(debian_dir)
     if all((debian / f"{name}.gz").is_file() for name in RAW_FILES):
-        target.mkdir(parents=True, exist_ok=True)
-        for name in RAW_FILES:
-            tmp = target / f".{name}.tmp-{os.getpid()}"  # ranks may prepare concurrently
-            with gzip.open(debian / f"{name}.gz", "rb") as src, tmp.open("wb") as dst:
-                shutil.copyfileobj(src, dst)
-            tmp.replace(target / name)  # atomic: a crash never leaves a half-written IDX file
+        for name in RAW_FILES:  # atomic: a crash never leaves a half-written IDX file
+            with gzip.open(debian / f"{name}.gz", "rb") as src:
+                try:
+                    files.write_atomic(target / name, lambda dst, src=src: shutil.copyfileobj(
+                        src, dst))
+                except WriteFailed as e:
+                    raise UserError(f"{e}: Fashion-MNIST is uncompressed into data.root once; "
+                                    "set data.root to a folder you can write") from None
         return
     if download:
         _download(lambda: FashionMNIST(str(root), train=True, download=True), "Fashion-MNIST",
@@ -119,6 +121,35 @@ def fit(images: Tensor, size: int) -> Tensor:
     return out.round().clamp(0, 255).to(torch.uint8).reshape(*images.shape[:-2], size, size)
 
 
+# What Pillow raises for a file it cannot read: broken bytes, or a decompression bomb (more
+# pixels than Image.MAX_IMAGE_PIXELS allows; a DecompressionBombError is no OSError).
+UNREADABLE = (OSError, SyntaxError, Image.DecompressionBombError)
+WIDE_INT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")  # 16-bit PNGs and TIFFs open as these
+
+
+def unreadable(path: Path, e: BaseException) -> UserError:
+    """The one line for an image file Pillow cannot (or will not) read."""
+    if isinstance(e, Image.DecompressionBombError):
+        return UserError(f"{path}: too many pixels to open safely ({e}); shrink or remove the "
+                         "file")
+    return UserError(f"{path}: unreadable image ({e}); replace or remove the file")
+
+
+def to_8bit(im: Image.Image, path: Path) -> Image.Image:
+    """16-bit and floating-point greyscale images as 8-bit "L", scaled over their full range:
+    Pillow's convert clips them (a 16-bit gradient came out 99.6% white, a float one black).
+    Integers are 16-bit (0..65535 -> 0..255); floats must lie in [0, 1] (0..1 -> 0..255), and
+    other values are refused with one line, since no scale for them is safe to guess."""
+    if im.mode not in (*WIDE_INT_MODES, "F"):
+        return im
+    a = np.asarray(im, dtype=np.float64)
+    high = 1.0 if im.mode == "F" else 65535.0
+    if not (np.isfinite(a).all() and a.min() >= 0 and a.max() <= high):
+        raise UserError(f"{path}: a {im.mode} image with values {a.min():g}..{a.max():g}, "
+                        f"outside 0..{high:g}; save it as 8- or 16-bit, or scale it to 0..{high:g}")
+    return Image.fromarray(np.round(a * (255 / high)).astype(np.uint8), "L")
+
+
 def decode(path: Path, channels: int, size: int) -> Tensor:
     """An image file as uint8 (channels, size, size): resized so its shorter side is `size`,
     then centre-cropped. Raises UserError naming the file if it cannot be read or converted."""
@@ -127,13 +158,13 @@ def decode(path: Path, channels: int, size: int) -> Tensor:
         with Image.open(path) as im:
             im.load()  # a truncated file fails here, not later
             mode = im.mode
-            im = im.convert("RGB" if channels == 3 else "L")
+            im = to_8bit(im, path).convert("RGB" if channels == 3 else "L")
     except ValueError as e:  # Pillow: no conversion for this mode
         raise UserError(f"{path}: cannot convert its mode {mode} to "
                         f"{'RGB' if channels == 3 else 'greyscale'} ({e}); convert or remove "
                         "the file") from None
-    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
-        raise UserError(f"{path}: unreadable image ({e}); replace or remove the file") from None
+    except UNREADABLE as e:
+        raise unreadable(path, e) from None
     w, h = im.size
     scale = size / min(w, h)
     w2, h2 = max(size, round(w * scale)), max(size, round(h * scale))
@@ -149,6 +180,8 @@ def decode(path: Path, channels: int, size: int) -> Tensor:
 
 class Source:
     """A training set: labels, class names, channels, and image i as uint8 at the model size."""
+
+    content: str | None = None  # a hash of every file's bytes, where the set is files
 
     def __init__(self, dataset: str, labels: Tensor, class_names: tuple[str, ...],
                  channels: int, image_size: int, path: str, fingerprint: str) -> None:
@@ -183,14 +216,14 @@ class Source:
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint records of the data, to refuse resuming on other data."""
         return {"dataset": self.dataset, "path": self.path, "num_images": len(self),
-                "fingerprint": self.fingerprint, "class_names": list(self.class_names),
-                "channels": self.channels}
+                "fingerprint": self.fingerprint, "content": self.content,
+                "class_names": list(self.class_names), "channels": self.channels}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Refuse a checkpoint trained on other data (keys it does not record are not checked:
         checkpoints before this module recorded only the count and the fingerprint)."""
         now = self.state_dict()
-        changed = [k for k in ("dataset", "num_images", "fingerprint")
+        changed = [k for k in ("dataset", "num_images", "fingerprint", "content")
                    if k in state and state[k] != now[k]]
         if changed:
             raise UserError(
@@ -228,10 +261,12 @@ class FolderSource(Source):
     """A folder of image files, decoded on demand."""
 
     def __init__(self, files: list[Path], labels: list[int], class_names: tuple[str, ...],
-                 channels: int, image_size: int, path: Path, fingerprint: str) -> None:
+                 channels: int, image_size: int, path: Path, fingerprint: str,
+                 content: str) -> None:
         super().__init__("image_folder", torch.tensor(labels, dtype=torch.long), class_names,
                          channels, image_size, str(path), fingerprint)
         self.files = files
+        self.content = content
         # Pillow imports its format plugins lazily, on the first file it cannot identify. Done
         # in a loader worker, that import can fail inside importlib (a KeyError from its module
         # locks, seen on Python 3.11) instead of giving our one line; so import them all here,
@@ -326,34 +361,75 @@ def _channels_of(files: list[Path]) -> int:
             with Image.open(f) as im:
                 if im.mode not in GREY_MODES:
                     return 3
-        except (OSError, SyntaxError) as e:
-            raise UserError(f"{f}: unreadable image ({e}); replace or remove the file") from None
+        except UNREADABLE as e:
+            raise unreadable(f, e) from None
     return 1
 
 
+def _write_cache(path: Path, text: str) -> None:
+    """Write a cache file in data.root; if that cannot be written, go on without it."""
+    try:
+        files.write_text_atomic(path, text)
+    except WriteFailed as e:
+        log.warning("%s; going on without this cache (the next start does the work again)", e)
+
+
+def content_digests(path: Path, images: list[Path], cache_dir: Path) -> list[str]:
+    """The SHA-256 of each file's bytes. Each file is read once: the digests are cached in
+    cache_dir by the file's (inode, size, mtime), so later starts only stat the files."""
+    folder_key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    cache = cache_dir / f"digests-{folder_key}.json"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    fresh: dict[str, list[Any]] = {}
+    for f in images:
+        st = f.stat()
+        stamp = [st.st_ino, st.st_size, st.st_mtime_ns]
+        entry = known.get(str(f.relative_to(path)))
+        if isinstance(entry, list) and entry[:3] == stamp:
+            digest = entry[3]
+        else:
+            with f.open("rb") as fh:
+                digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        fresh[str(f.relative_to(path))] = [*stamp, digest]
+    if fresh != known:
+        _write_cache(cache, json.dumps(fresh))
+    return [entry[3] for entry in fresh.values()]
+
+
 def open_folder(dc: DataConfig, image_size: int, num_workers: int) -> FolderSource:
-    """Scan, fingerprint and check every image of data.path (once per folder state: cached)."""
+    """Scan, fingerprint and check every image of data.path (once per folder state: cached).
+
+    Two checks guard a resume against other data: the fingerprint (names and sizes, as runs
+    before content hashes recorded) and the content hash (every file's bytes, SHA-256). An image
+    edited in place is seen even at the same size. Not seen: an edit that keeps a file's inode,
+    size and modification time (which editors and copies do not; only a deliberate reset of the
+    mtime does), because digests are cached by those three to spare rereading the folder."""
     path = Path(dc.path or "")
-    files, labels, names = scan_folder(path, dc.class_conditional)
+    images, labels, names = scan_folder(path, dc.class_conditional)
     h = hashlib.sha256()
-    for f in files:
+    for f in images:
         h.update(f"{f.relative_to(path)}\t{f.stat().st_size}\n".encode())
     fingerprint = h.hexdigest()[:32]
-    cache = Path(dc.root) / "checked" / f"{fingerprint}-{image_size}-{dc.channels}.json"
+    checked = Path(dc.root) / "checked"
+    digests = content_digests(path, images, checked)
+    content = hashlib.sha256("".join(f"{f.relative_to(path)}\t{d}\n" for f, d in zip(
+        images, digests, strict=True)).encode()).hexdigest()[:32]
+    cache = checked / f"{content}-{image_size}-{dc.channels}.json"
     if cache.is_file():
         channels = json.loads(cache.read_text())["channels"]
     else:
-        channels = dc.channels or _channels_of(files)
-        source = FolderSource(files, labels, names, channels, image_size, path, fingerprint)
-        log.info("checking the %d images of %s (once; cached in %s)", len(files), path, cache)
+        channels = dc.channels or _channels_of(images)
+        source = FolderSource(images, labels, names, channels, image_size, path, fingerprint,
+                              content)
+        log.info("checking the %d images of %s (once; cached in %s)", len(images), path, cache)
         for _ in read_batches(source, 256, num_workers, keep=False):
             pass
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({"path": str(path), "num_images": len(files),
-                                   "channels": channels}))
-        tmp.replace(cache)
-    return FolderSource(files, labels, names, channels, image_size, path, fingerprint)
+        _write_cache(cache, json.dumps({"path": str(path), "num_images": len(images),
+                                        "channels": channels}))
+    return FolderSource(images, labels, names, channels, image_size, path, fingerprint, content)
 
 
 def _torchvision(dc: DataConfig, image_size: int, train: bool = True) -> ArraySource:

@@ -6,6 +6,7 @@ import os
 import struct
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -168,3 +169,24 @@ def make_image_folder(root: Path, per_class: int = 12, classes: tuple[str, ...] 
             write_image(root / name / f"{i:03d}{suffixes[i % 3]}", seed=100 * c + i,
                         mode="L" if i == 1 else "RGB")
     return root
+
+
+@pytest.fixture
+def read_only(tmp_path: Path) -> Iterator[Callable[[Path], None]]:
+    """Make a folder a read-only bind mount of itself (root only); undone after the test."""
+    if os.geteuid() != 0:
+        pytest.skip("a read-only bind mount needs root")
+    mounted: list[Path] = []
+
+    def make(path: Path) -> None:
+        for cmd in (["mount", "--bind", str(path), str(path)],
+                    ["mount", "-o", "remount,ro,bind", str(path)]):
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                pytest.skip(f"cannot bind-mount here: {proc.stderr.strip()}")
+            if cmd[1] == "--bind":
+                mounted.append(path)
+
+    yield make
+    for path in reversed(mounted):
+        subprocess.run(["umount", "--lazy", str(path)], check=True)

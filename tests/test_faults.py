@@ -342,27 +342,6 @@ def test_a_folder_link_is_followed_only_when_it_is_the_users_own(tiny_data: Path
     assert sorted(p.name for p in scratch.iterdir()) == ["ckpt-00000002.pt"]
 
 
-@pytest.fixture
-def read_only(tmp_path: Path) -> Iterator[Callable[[Path], None]]:
-    """Make a folder a read-only bind mount of itself (root only); undone after the test."""
-    if os.geteuid() != 0:
-        pytest.skip("a read-only bind mount needs root")
-    mounted: list[Path] = []
-
-    def make(path: Path) -> None:
-        for cmd in (["mount", "--bind", str(path), str(path)],
-                    ["mount", "-o", "remount,ro,bind", str(path)]):
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                pytest.skip(f"cannot bind-mount here: {proc.stderr.strip()}")
-            if cmd[1] == "--bind":
-                mounted.append(path)
-
-    yield make
-    for path in reversed(mounted):
-        subprocess.run(["umount", "--lazy", str(path)], check=True)
-
-
 def test_a_read_only_part_of_the_run_directory_is_refused_before_anything_changes(
         tiny_data: Path, tmp_path: Path, read_only: Callable[[Path], None]) -> None:
     out = tmp_path / "run"

@@ -4,9 +4,13 @@ loader."""
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
+import re
 import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +23,7 @@ from conftest import (
     cli_env,
     final_state,
     launch,
+    make_dataset,
     make_image_folder,
     max_weight_diff,
     run_cli,
@@ -118,16 +123,80 @@ def test_bad_folders_and_files_are_one_line_naming_them(tmp_path: Path) -> None:
                                            "images")
 
 
-def test_the_check_of_a_folder_is_cached_by_its_fingerprint(tmp_path: Path) -> None:
+def test_the_check_of_a_folder_is_cached_by_its_content(tmp_path: Path) -> None:
     pets = make_image_folder(tmp_path / "pets", per_class=2)
     cfg = folder_config(pets, tmp_path / "data")
+    checked = tmp_path / "data" / "checked"
     first = open_source(cfg, 16, 0)
-    (cached,) = (tmp_path / "data" / "checked").iterdir()
-    assert cached.name.startswith(first.fingerprint)
+    assert [p.name.startswith(first.content) for p in sorted(checked.glob("[!d]*"))] == [True]
     write_image(pets / "cat" / "new.png", seed=5)  # another file: another fingerprint, a check
     second = open_source(cfg, 16, 0)
     assert second.fingerprint != first.fingerprint and len(second) == len(first) + 1
-    assert len(list((tmp_path / "data" / "checked").iterdir())) == 2
+    png = pets / "cat" / "000.png"
+    size = png.stat().st_size
+    Image.fromarray(255 - np.asarray(Image.open(png))).save(png)  # edited in place: same size
+    assert png.stat().st_size == size
+    third = open_source(cfg, 16, 0)
+    assert third.fingerprint == second.fingerprint and third.content != second.content
+    assert len(list(checked.glob("[!d]*"))) == 3  # each state of the folder checked once
+    (digests,) = checked.glob("digests-*.json")
+    stamp = os.stat(png)
+    assert json.loads(digests.read_text())["cat/000.png"][:3] == [
+        stamp.st_ino, stamp.st_size, stamp.st_mtime_ns]
+
+
+def test_16_bit_and_float_images_are_scaled_over_their_range_not_clipped(tmp_path: Path
+                                                                          ) -> None:
+    ramp = np.tile(np.arange(16), (16, 1))  # 16 columns, 0..15
+    Image.fromarray((ramp * 4369).astype(np.uint16)).save(tmp_path / "wide.png")  # 0..65535
+    Image.fromarray((ramp / 15).astype(np.float32), "F").save(tmp_path / "float.tif")  # 0..1
+    expected = torch.from_numpy(ramp * 17).to(torch.uint8)  # 0..255
+    for name in ("wide.png", "float.tif"):
+        for channels in (1, 3):
+            pixels = decode(tmp_path / name, channels, 16)
+            assert pixels.shape == (channels, 16, 16)
+            assert torch.equal(pixels, expected.expand(channels, 16, 16)), name
+    Image.fromarray((ramp * 2.0).astype(np.float32), "F").save(tmp_path / "hdr.tif")
+    with pytest.raises(UserError) as e:
+        decode(tmp_path / "hdr.tif", 1, 16)
+    assert str(e.value) == (f"{tmp_path / 'hdr.tif'}: a F image with values 0..30, outside 0..1; "
+                            "save it as 8- or 16-bit, or scale it to 0..1")
+
+
+def test_a_decompression_bomb_is_one_line_in_a_greyscale_or_colour_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # so that a 64x64 image is a bomb
+    for mode in ("L", "RGB"):
+        folder = tmp_path / mode / "pets"
+        for i in range(3):
+            write_image(folder / "cat" / f"{i}.png", seed=i, size=(16, 16), mode=mode)
+        bomb = write_image(folder / "cat" / "bomb.png", seed=9, size=(64, 64), mode=mode)
+        with pytest.raises(UserError) as e:
+            open_source(folder_config(folder, tmp_path / mode / "data"), 16, 2)
+        assert str(e.value).startswith(f"{bomb}: too many pixels to open safely (Image size "
+                                       "(4096 pixels) exceeds limit of 2000 pixels")
+        assert str(e.value).endswith("; shrink or remove the file")
+
+
+def test_a_read_only_data_root_is_used_without_its_caches(
+        tmp_path: Path, read_only: Callable[[Path], None]) -> None:
+    pets = make_image_folder(tmp_path / "pets", per_class=2)
+    (tmp_path / "data").mkdir()
+    read_only(tmp_path / "data")
+    source = open_source(folder_config(pets, tmp_path / "data"), 16, 0)
+    assert len(source) == 4 and source.content is not None
+    assert not list((tmp_path / "data").iterdir())
+
+    debian = tmp_path / "debian"  # Debian's package: gzipped IDX files, uncompressed into root
+    debian.mkdir()
+    for raw in (make_dataset(tmp_path / "idx") / "FashionMNIST" / "raw").iterdir():
+        (debian / f"{raw.name}.gz").write_bytes(gzip.compress(raw.read_bytes()))
+    with pytest.raises(UserError) as e:
+        open_source(DataConfig(root=str(tmp_path / "data"), debian_dir=str(debian)), 32)
+    target = tmp_path / "data" / "FashionMNIST" / "raw" / "train-images-idx3-ubyte"
+    assert re.fullmatch(rf"could not write {re.escape(str(target))} \(Read-only file system; "
+                        r"[\d.]+ MiB free there\): Fashion-MNIST is uncompressed into data.root "
+                        "once; set data.root to a folder you can write", str(e.value))
 
 
 def test_mnist_from_idx_files_and_a_missing_cifar10_is_one_line(tmp_path: Path) -> None:
@@ -262,7 +331,18 @@ def test_resuming_on_a_changed_folder_is_refused(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(
         f"error: the training data changed since this checkpoint (image_folder {folder}, 8 "
-        f"images then; image_folder {folder}, 9 images now; num_images, fingerprint differ)")
+        f"images then; image_folder {folder}, 9 images now; num_images, fingerprint, content "
+        "differ)")
+    (folder / "cat" / "extra.png").unlink()
+    png = next((folder / "dog").glob("*.png"))
+    size = png.stat().st_size
+    Image.fromarray(255 - np.asarray(Image.open(png))).save(png)  # edited in place, same size
+    assert png.stat().st_size == size
+    proc = run_cli(*folder_args(tmp_path / "data", folder, out, 4), check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"error: the training data changed since this checkpoint (image_folder {folder}, 8 "
+        f"images then; image_folder {folder}, 8 images now; content differ)")
 
 
 @pytest.mark.slow
