@@ -58,6 +58,13 @@ def last_line(proc: subprocess.CompletedProcess) -> str:
     return proc.stderr.strip().splitlines()[-1]
 
 
+def last_line_of(stderr: Path) -> str:
+    """The last line a background trainer wrote to its stderr file (no traceback before it)."""
+    text = stderr.read_text()
+    assert "Traceback" not in text, text[-3000:]
+    return text.strip().splitlines()[-1]
+
+
 def start(args: list[str], stderr: Path, **env: str) -> subprocess.Popen:
     """Start the trainer in the background, its stderr going to a file."""
     with stderr.open("w") as f:
@@ -314,10 +321,9 @@ def test_a_link_planted_where_a_grid_or_metrics_go_is_replaced_or_refused_not_fo
     finally:
         proc.kill()
     assert re.fullmatch(rf"error: could not write {re.escape(str(out / 'metrics.jsonl'))} \(it is "
-                        r"a symbolic link, and nothing is written through one in a run "
-                        r"directory; \d+\.\d MiB free there\); the newest checkpoint is intact: "
-                        r"fix that and run the same command again",
-                        err.read_text().strip().splitlines()[-1])
+                        r"a symbolic link, and nothing is written through one in a run directory; "
+                        r"\d+\.\d MiB free there\); the newest checkpoint is intact: fix that and "
+                        r"run the same command again", last_line_of(err))
     assert victim.read_text() == "someone's file\n"
 
 
@@ -382,7 +388,7 @@ def test_a_run_whose_lock_file_is_removed_takes_it_again_and_one_whose_lock_was_
     assert re.fullmatch(rf"error: {re.escape(str(lock))} was replaced while this run held it: "
                         rf"another run \(host \S+, pid \d+, since \S+\) has written to "
                         rf"{re.escape(str(out))} since, so this run stopped without writing more "
-                        r"there", err.read_text().strip().splitlines()[-1])
+                        r"there", last_line_of(err))
     assert metrics_steps(out) == taken == [1, 2, 3]  # the first run wrote nothing after
     assert steps_in(out) == [2, 3]  # the second run's only
 
