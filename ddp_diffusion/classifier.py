@@ -23,7 +23,7 @@ from ddp_diffusion.sources import load_split
 ASSETS = Path(__file__).resolve().parent / "assets"
 WEIGHTS = ASSETS / "fashion_classifier.pt"
 CARD = ASSETS / "fashion_classifier.json"
-IMAGE_SIZE = 32  # the denoisers' resolution: 28x28 images zero-padded, as data.to_model_range
+IMAGE_SIZE = 32  # the denoisers' resolution: 28x28 images zero-padded, as sources.fit does
 RECIPE: dict[str, Any] = {
     "epochs": 15, "batch_size": 128, "lr": 3e-3, "weight_decay": 5e-4, "schedule": "onecycle",
     "optimizer": "adamw", "label_smoothing": 0.1, "augment": "horizontal flip, shift <= 2 px",

@@ -133,7 +133,7 @@ class ConditionalDenoiser(nn.Module):
 
     CFGuidance provides the learned null ("unconditional") embedding and the guided sampling.
     Label dropout during training is applied here from a mask the data pipeline draws per
-    sample (see data.InMemoryData), instead of CFGuidance's own per-call torch.rand, so that
+    sample (see data.StepPlan), instead of CFGuidance's own per-call torch.rand, so that
     which labels are dropped does not depend on the world size or on the RNG of a rank.
     """
 
