@@ -44,7 +44,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from ddp_diffusion import checkpoint, files  # noqa: E402  (bench/ holds scripts)
+from ddp_diffusion import checkpoint, files, rundir  # noqa: E402  (bench/ holds scripts)
 
 KINDS = ("rank-kill", "rank-term", "job-term", "job-kill")
 AIMS = ("step", "save", "grid")
@@ -93,7 +93,7 @@ def ranks(agent: int) -> list[int]:
 
 
 def logged_steps(out: Path) -> list[int]:
-    path = out / "metrics.jsonl"
+    path = out / rundir.METRICS
     if not path.exists():
         return []
     steps = []
@@ -104,7 +104,7 @@ def logged_steps(out: Path) -> list[int]:
 
 
 def newest_checkpoint(out: Path) -> int:
-    found = checkpoint.list_checkpoints(out / "checkpoints")
+    found = checkpoint.list_checkpoints(out / rundir.CHECKPOINTS)
     return found[-1][0] if found else 0
 
 
@@ -114,12 +114,12 @@ def temp_files(out: Path) -> list[Path]:
 
 def where_now(out: Path) -> str:
     """Where the run stands at this instant: writing a checkpoint, drawing a grid, or stepping."""
-    if any((out / "checkpoints").glob(f".ckpt-*{files.TEMP_MARK}*")):
+    if any((out / rundir.CHECKPOINTS).glob(f".ckpt-*{files.TEMP_MARK}*")):
         return "save"
     steps = logged_steps(out)
     last = steps[-1] if steps else 0
     if (last and last % GRID_EVERY == 0 and newest_checkpoint(out) == last
-            and not (out / "samples" / f"step-{last:08d}.png").exists()):
+            and not (out / rundir.SAMPLES / f"step-{last:08d}.png").exists()):
         return "grid"
     return "step" if steps else "start-up"
 
@@ -138,7 +138,7 @@ def wait_for(cond: Callable[[], bool], agent: subprocess.Popen, timeout: float,
 def aim(out: Path, target: str, agent: subprocess.Popen, rng: random.Random) -> None:
     """Wait for the moment a kill is aimed at (best effort: a missed aim kills where it is)."""
     if target == "save":
-        wait_for(lambda: any((out / "checkpoints").glob(f".ckpt-*{files.TEMP_MARK}*")), agent,
+        wait_for(lambda: any((out / rundir.CHECKPOINTS).glob(f".ckpt-*{files.TEMP_MARK}*")), agent,
                  60, 0.0005)
     elif target == "grid":
         wait_for(lambda: where_now(out) == "grid", agent, 60, 0.005)
@@ -214,14 +214,14 @@ def main() -> int:
     t0 = time.monotonic()
     result = chaos([*common, f"out_dir={out}"], out, a.kills, a.seed, work / "chaos.log")
     unreadable = []
-    for _, path in checkpoint.list_checkpoints(out / "checkpoints"):
+    for _, path in checkpoint.list_checkpoints(out / rundir.CHECKPOINTS):
         try:
             checkpoint.read(path, tries=1)
         except checkpoint.CheckpointError as e:
             unreadable.append(str(e))
-    final = checkpoint.list_checkpoints(out / "checkpoints")[-1][1]
+    final = checkpoint.list_checkpoints(out / rundir.CHECKPOINTS)[-1][1]
     differences = checkpoint.training_differences(
-        checkpoint.read(checkpoint.list_checkpoints(work / "straight" / "checkpoints")[-1][1]),
+        checkpoint.read(checkpoint.list_checkpoints(work / "straight" / rundir.CHECKPOINTS)[-1][1]),
         checkpoint.read(final))
     result |= {
         "machine": {"cpu_flags": sorted(set(re.findall(r"\b(avx512_bf16|avx2|amx_bf16)\b",
@@ -236,7 +236,7 @@ def main() -> int:
         "temp_files_left": [str(t) for t in temp_files(out)],
         "unreadable_checkpoints": unreadable,
         "metrics_steps_once_each": logged_steps(out) == list(range(1, STEPS + 1)),
-        "archived": sorted(str(p.relative_to(out)) for p in (out / "archive").rglob("*.pt")),
+        "archived": sorted(str(p.relative_to(out)) for p in (out / rundir.ARCHIVE).rglob("*.pt")),
         "work": str(work),
     }
     out_dir = Path(a.out_dir)

@@ -42,7 +42,7 @@ from torchmultimodal.diffusion_labs.transforms.diffusion_transform import Random
 from torchvision.datasets import FashionMNIST
 from torchvision.transforms import Compose, Lambda, Resize, ToTensor
 
-from ddp_diffusion import checkpoint, config
+from ddp_diffusion import checkpoint, config, rundir
 from ddp_diffusion.model import SeedUNet
 from ddp_diffusion.sources import prepare
 
@@ -113,7 +113,7 @@ class CodeAlong:
             "step": step, "images_seen": step * self.loader.batch_size,
             "model": weights, "ema": weights, "config": config.to_dict(cfg),
             "note": "code-along baseline (bench/codealong.py): no EMA, 'ema' holds the weights",
-        }, checkpoint.path_for(run_dir / "checkpoints", step))
+        }, checkpoint.path_for(run_dir / rundir.CHECKPOINTS, step))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from train_throughput import TIMING, step_seconds, trainer_command  # bench/, beside this file
 
-from ddp_diffusion import checkpoint, config, distributed
+from ddp_diffusion import checkpoint, config, distributed, rundir
 from ddp_diffusion.fid import evaluate
 from ddp_diffusion.precision import resolve_precision
 from ddp_diffusion.sample import load_run
@@ -77,16 +77,17 @@ def train(args: argparse.Namespace) -> None:
 def pack(args: argparse.Namespace) -> None:
     """EMA weights (fp16), config and step of each run's newest checkpoint, for carrying."""
     for name in RUNS:
-        found, _ = checkpoint.newest_readable(Path(args.runs) / name / "checkpoints")
+        found, _ = checkpoint.newest_readable(Path(args.runs) / name / rundir.CHECKPOINTS)
         if found is None:
             raise SystemExit(f"no checkpoint in {Path(args.runs) / name}; run train first")
         path, state = found
-        weights = {k: v.half() if v.is_floating_point() else v for k, v in state["ema"].items()}
-        small = {"step": state["step"], "images_seen": state["progress"]["images_seen"],
-                 "config": state["config"], "model": weights, "ema": weights,
+        part = checkpoint.Part
+        weights = {k: v.half() if v.is_floating_point() else v for k, v in state[part.EMA].items()}
+        small = {"step": state["step"], "images_seen": state[part.PROGRESS]["images_seen"],
+                 "config": state["config"], part.MODEL: weights, part.EMA: weights,
                  "note": f"EMA weights of {path} in fp16 (bench/fid_at_budget.py pack)"}
-        checkpoint.write_atomic(small, checkpoint.path_for(Path(args.to) / name / "checkpoints",
-                                                           state["step"]))
+        to = checkpoint.path_for(Path(args.to) / name / rundir.CHECKPOINTS, state["step"])
+        checkpoint.write_atomic(small, to)
     for extra in ("budget.json", "codealong.json"):
         if (Path(args.runs) / extra).is_file():
             (Path(args.to) / extra).write_bytes((Path(args.runs) / extra).read_bytes())

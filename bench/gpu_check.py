@@ -60,7 +60,7 @@ from train_throughput import (  # bench/, beside this file
     trainer_command,
 )
 
-from ddp_diffusion import checkpoint, config
+from ddp_diffusion import checkpoint, config, rundir
 from ddp_diffusion.classifier import WEIGHTS as FASHION_CLASSIFIER
 
 # The clock starts after the imports; STARTUP_S is the allowance for the interpreter, the
@@ -270,7 +270,7 @@ def max_difference(a: Any, b: Any) -> float:
 
 def newest_state(run_dir: Path) -> dict[str, Any]:
     """The newest checkpoint of a run, read the trainer's way."""
-    return checkpoint.read(checkpoint.list_checkpoints(run_dir / "checkpoints")[-1][1])
+    return checkpoint.read(checkpoint.list_checkpoints(run_dir / rundir.CHECKPOINTS)[-1][1])
 
 
 def resume(check: Check) -> dict[str, Any]:
@@ -305,8 +305,9 @@ def resume(check: Check) -> dict[str, Any]:
         except (IndexError, checkpoint.CheckpointError) as e:  # a run did not finish
             rows.append({"deterministic": det, "error": f"{type(e).__name__}: {e}"})
             continue
-        diffs = {k: max_difference(a[k], b[k]) for k in ("model", "ema", "optimizer")}
-        steps = [a["progress"]["step"], b["progress"]["step"]]
+        part = checkpoint.Part
+        diffs = {k: max_difference(a[k], b[k]) for k in (part.MODEL, part.EMA, part.OPTIMIZER)}
+        steps = [a[part.PROGRESS]["step"], b[part.PROGRESS]["step"]]
         # A resume that silently started afresh would match the straight run trivially.
         log = check.out / "resume" / f"deterministic_{str(det).lower()}-resume.log"
         did_resume = log.is_file() and f"(step {n // 2})" in log.read_text(errors="replace")
@@ -336,7 +337,7 @@ def timed_run(check: Check, name: str, cfg: Path, overrides: list[str], log_ever
                                 f"out_dir={out}", f"data.root={check.data_root}"], 1)
     record = {"name": name, "batch_size": batch,
               **run_logged(check, cmd, check.out / "throughput" / f"{name}.log", cap)}
-    metrics = out / "metrics.jsonl"
+    metrics = out / rundir.METRICS
     if record["status"] == "ok" and not metrics.is_file():
         record.update(status="failed", reason=f"no {metrics.name}")
     if record["status"] == "ok":

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from train_throughput import TIMING, machine, step_seconds, trainer_command  # bench/
 
-from ddp_diffusion import config
+from ddp_diffusion import config, rundir
 from ddp_diffusion.data import StepPlan, StreamLoader
 from ddp_diffusion.model import build_denoiser, forward_gflops
 from ddp_diffusion.precision import resolve_precision
@@ -86,7 +86,7 @@ def train_rate(folder: Path, data_root: Path, work: Path, loader: str, steps: in
                  f"train.batch_size={batch}", f"train.max_steps={steps + 2}"]
     subprocess.run(trainer_command(RECIPE, overrides, 1), check=True, cwd=REPO,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / rundir.METRICS).read_text().splitlines()]
     wait = max(r["data_wait"] for r in records if r["step"] > 2)
     return batch / statistics.median(step_seconds(out, batch, warmup=2)), wait
 

@@ -33,6 +33,8 @@ from train_throughput import (  # bench/, beside this file
     trainer_command,
 )
 
+from ddp_diffusion import rundir
+
 
 def run(cfg_path: Path, overrides: list[str], ranks: int, steps: int, log_every: int,
         out: Path, data_root: str) -> list[float]:
@@ -43,7 +45,7 @@ def run(cfg_path: Path, overrides: list[str], ranks: int, steps: int, log_every:
     code, _, tail = run_process(cmd, dict(os.environ, PYTHONUNBUFFERED="1"))
     if code != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed with exit code {code}:\n{tail}")
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / rundir.METRICS).read_text().splitlines()]
     return [r["images_per_s"] for r in records[1:]]
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ddp_diffusion import config
+from ddp_diffusion import config, rundir
 from ddp_diffusion.diffusion import Diffusion
 from ddp_diffusion.model import build_denoiser
 
@@ -132,7 +132,7 @@ def trainer_command(cfg_path: Path, overrides: list[str], ranks: int) -> list[st
 
 def step_seconds(run_dir: Path, batch: int, warmup: int) -> list[float]:
     """Seconds of each step after `warmup`, from a run's metrics.jsonl (train.log_every=1)."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run_dir / rundir.METRICS).read_text().splitlines()]
     return [batch / r["images_per_s"] for r in records if r["step"] > warmup]
 
 

@@ -37,6 +37,18 @@ READ_RETRY_S = 1.0  # first back-off; doubled after each failed try
 FROZEN_KEYS = ("model", "diffusion", "seed", "train.batch_size")
 
 
+class Part:
+    """The names of the checkpointed parts: the keys of the `states` that train.py gives
+    CheckpointManager, and of the checkpoint dict; code that reads a part uses these."""
+
+    MODEL = "model"  # the raw weights
+    EMA = "ema"  # the EMA weights
+    OPTIMIZER = "optimizer"
+    GRAD_SCALER = "grad_scaler"
+    DATA = "data"  # the data source: its classes, size and fingerprints
+    PROGRESS = "progress"  # step, images seen, run id, non-finite steps
+
+
 class CheckpointError(Exception):
     """A checkpoint file that cannot be used; the message names the file and why."""
 
@@ -84,10 +96,10 @@ def upgrade(state: dict[str, Any]) -> dict[str, Any]:
         state["config"] = to_dict(from_dict(config))
     if state.get("format", 1) == 1:
         state = dict(state)
-        state["progress"] = {"step": int(state["step"]),
+        state[Part.PROGRESS] = {"step": int(state["step"]),
                              "images_seen": int(state.pop("images_seen", 0)),
                              "run_id": state.pop("wandb_run_id", None), "nonfinite_total": 0}
-        state["data"] = {}  # format 1 did not describe the data source
+        state[Part.DATA] = {}  # format 1 did not describe the data source
         for dropped in ("lr_schedule", "rng", "data_position"):  # now derived from the step
             state.pop(dropped, None)
         state["format"] = FORMAT
@@ -126,7 +138,7 @@ def read(path: Path, tries: int = READ_TRIES) -> dict[str, Any]:
             # file: EOFError; a text file: KeyError; a torn one: RuntimeError)
             raise CheckpointError(path, "unreadable (truncated or corrupt): "
                                         f"{_first_line(e)}") from None
-    if (not isinstance(state, dict) or "step" not in state or "model" not in state
+    if (not isinstance(state, dict) or "step" not in state or Part.MODEL not in state
             or not isinstance(state.get("config"), dict)):
         raise CheckpointError(path, "not a ddp-diffusion checkpoint (no step, model or config)")
     try:
@@ -238,7 +250,7 @@ def training_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
     def trained(state: dict[str, Any]) -> dict[str, Any]:
         out = {k: v for k, v in state.items() if k not in RUN_RECORD}
-        out["progress"] = {k: v for k, v in state["progress"].items() if k != "run_id"}
+        out[Part.PROGRESS] = {k: v for k, v in state[Part.PROGRESS].items() if k != "run_id"}
         return out
 
     return diff(trained(a), trained(b), "checkpoint")

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from ddp_diffusion import checkpoint, distributed
+from ddp_diffusion import distributed, files
 from ddp_diffusion.classifier import FashionClassifier, load_classifier, to_uint8
 from ddp_diffusion.config import (
     Config,
@@ -215,7 +215,8 @@ def reference_stats(extractor: nn.Module, data: DataConfig, split: str, image_si
         for images in source.batches(batch_size, data.num_workers):
             metric.update(images.to(metric.device), real=True)
     states = {k: getattr(metric, k).cpu() for k in REAL_STATES}
-    checkpoint.write_atomic(states, path)  # concurrent runs never read half a file
+    # Whole or not at all: concurrent runs never read half a file.
+    files.write_atomic(path, lambda f: torch.save(states, f))
     log.info("FID reference statistics of %d %s %s images cached in %s", len(source),
              source.dataset, split, path)
     return Reference(states, path, cached=False)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ddp_diffusion import checkpoint, files
+from ddp_diffusion import checkpoint, files, rundir
 from ddp_diffusion.config import Config, from_dict
 from ddp_diffusion.data import derive_seed
 from ddp_diffusion.diffusion import ConditionalDenoiser, Diffusion
@@ -173,7 +173,7 @@ def find_checkpoint(run_dir: Path, ckpt_path: Path | None) -> tuple[Path, dict]:
             raise UserError(str(e)) from None
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} does not exist; pass the out_dir of a run")
-    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir = run_dir / rundir.CHECKPOINTS
     found, failures = checkpoint.newest_readable(ckpt_dir)
     if found is None:
         if failures:
@@ -202,6 +202,6 @@ def load_run(run_dir: Path, ckpt_path: Path | None, use_ema: bool | None, device
     diffusion = Diffusion(cfg.diffusion)
     denoiser = build_denoiser(cfg.model, diffusion.num_timesteps)
     ema = cfg.sample.use_ema if use_ema is None else use_ema
-    denoiser.load_state_dict(state["ema"] if ema else state["model"])
-    names = tuple(state["data"].get("class_names", CLASS_NAMES))
+    denoiser.load_state_dict(state[checkpoint.Part.EMA] if ema else state[checkpoint.Part.MODEL])
+    names = tuple(state[checkpoint.Part.DATA].get("class_names", CLASS_NAMES))
     return Run(cfg, denoiser.to(device).eval(), diffusion, int(state["step"]), names)

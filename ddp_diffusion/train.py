@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from ddp_diffusion import checkpoint, config, distributed, files, rundir, signals
-from ddp_diffusion.checkpoint import CheckpointManager, ResumePlan
+from ddp_diffusion.checkpoint import CheckpointManager, Part, ResumePlan
 from ddp_diffusion.config import Config, TrainConfig
 from ddp_diffusion.data import Batch, check_batch, check_fits, make_loader
 from ddp_diffusion.diffusion import Diffusion
@@ -177,7 +177,7 @@ def prepare_run_dir(cfg: Config, lock: rundir.RunLock) -> tuple[ResumePlan, Trac
     plan = checkpoint.plan_resume(cfg.train.resume, out_dir / rundir.CHECKPOINTS)
     if plan.state is not None:
         checkpoint.check_compatible(plan.state["config"], config.to_dict(cfg), plan.path)
-    saved = plan.state["progress"] if plan.state is not None else {}
+    saved = plan.state[Part.PROGRESS] if plan.state is not None else {}
     metrics = None if plan.new_run else metrics_kept(out_dir / rundir.METRICS,
                                                      saved.get("step", 0))
     # W&B starts (or fails with one line) before anything of an earlier run is moved.
@@ -222,38 +222,6 @@ def log_resume(state: dict[str, Any], path: str, cfg: Config, env: DistEnv) -> N
 def due(step: int, every: int, last: int) -> bool:
     """Whether a cadence of `every` steps (0: never) falls on this step; the last one always."""
     return every > 0 and (step % every == 0 or step == last)
-
-
-class LogWindow:
-    """Loss and gradient norm of the steps since the last log that were not skipped, summed on
-    the device; and the images/s and chip utilisation of the interval."""
-
-    def __init__(self, device: torch.device, step: int, train_gflop_per_image: float,
-                 world_size: int, peak_tflops: float | None) -> None:
-        self.sums = torch.zeros(3, device=device)  # loss, grad norm, steps
-        self.since_step, self.since = step, time.perf_counter()
-        self.gflop, self.world_size, self.peak = train_gflop_per_image, world_size, peak_tflops
-
-    def add(self, loss: Tensor, grad_norm: Tensor, skip: Tensor) -> None:
-        self.sums += torch.where(skip, 0.0, torch.stack([loss, grad_norm, torch.ones_like(loss)]))
-
-    def close(self, step: int, batch_size: int, data_wait_s: float) -> dict[str, float]:
-        """Loss, grad norm (left out if every step was skipped), images/s, TFLOP/s per device
-        and its fraction of the peak (where one is known), and the fraction of the interval
-        spent waiting for data (on this rank); then start anew.
-
-        The only host read of the loss: once per log interval, averaged over ranks."""
-        loss, norm, steps = distributed.mean_across_ranks(self.sums).tolist()
-        now = time.perf_counter()
-        out = {"loss": loss / steps, "grad_norm": norm / steps} if steps else {}
-        out["images_per_s"] = batch_size * (step - self.since_step) / (now - self.since)
-        out["tflops"] = achieved_tflops(out["images_per_s"], self.gflop, self.world_size)
-        if self.peak:
-            out["peak_fraction"] = out["tflops"] / self.peak
-        out["data_wait"] = data_wait_s / (now - self.since)
-        self.sums.zero_()
-        self.since_step, self.since = step, now
-        return out
 
 
 def micro_batch_loss(model: nn.Module, diffusion: Diffusion, mb: Batch, channels_last: bool,
@@ -318,6 +286,350 @@ def apply_update(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, skip:
     scaler.update()
 
 
+def take_run_dir(cfg: Config, env: DistEnv, lock: rundir.RunLock
+                 ) -> tuple[dict[str, Any] | None, str | None, Tracker]:
+    """Rank 0 prepares the run directory and picks the checkpoint; every rank then holds that
+    checkpoint's state (None: a fresh start), its path and the tracker of the run."""
+    prepared = distributed.run_on_main(env.is_main, functools.partial(prepare_run_dir, cfg, lock))
+    plan, tracker = prepared or (None, None)
+    run_id, path = distributed.broadcast_object(
+        (tracker.run_id, plan.path and str(plan.path)) if prepared else None)
+    if tracker is None:
+        tracker = Tracker(cfg, run_id, active=False)
+    state = plan.state if plan is not None else None
+    if path is not None and state is None:
+        try:
+            state = checkpoint.read(Path(path))
+        except checkpoint.CheckpointError as e:
+            raise UserError(f"rank {env.rank}: {e}") from None
+    return state, path, tracker
+
+
+def wrap_for_training(model: nn.Module, diffusion: Diffusion, cfg: Config, env: DistEnv,
+                      micro: int, precision: str
+                      ) -> tuple[nn.Module, Callable[[], contextlib.AbstractContextManager]]:
+    """What the step calls: the model inside DDP when distributed (its buckets settled),
+    compiled when asked; and the context that skips DDP's all-reduce (no_sync)."""
+    if not env.distributed:
+        return (torch.compile(model) if cfg.train.compile else model), contextlib.nullcontext
+    ddp = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+              gradient_as_bucket_view=True, bucket_cap_mb=25)
+    train_model = torch.compile(ddp) if cfg.train.compile else ddp
+    image_shape = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
+    settle_ddp_buckets(train_model, diffusion, Batch.zeros(micro, image_shape, env.device),
+                       cfg.train.channels_last, precision)
+    return train_model, ddp.no_sync
+
+
+class Checkpointer:
+    """Saves the checkpoint of a step on its cadence (train.ckpt_every and the last step), on a
+    stop, or when told; never in a streak of non-finite steps, whose weights are suspect."""
+
+    def __init__(self, manager: CheckpointManager, cfg: Config, env: DistEnv,
+                 nonfinite: NonFiniteSteps) -> None:
+        self.manager, self.cfg, self.env, self.nonfinite = manager, cfg, env, nonfinite
+
+    def due(self, step: int) -> bool:
+        return due(step, self.cfg.train.ckpt_every, self.cfg.train.max_steps)
+
+    def newest(self) -> str:
+        lineage = self.manager.lineage
+        return str(lineage[max(lineage)]) if lineage else "none"
+
+    def save(self, step: int) -> bool:
+        """Rank 0 writes the checkpoint (every rank learns if that failed); whether it did."""
+        if self.nonfinite.streak:
+            if step == self.cfg.train.max_steps:
+                raise TrainingDiverged(
+                    f"training ended in {self.nonfinite.streak} non-finite step(s), so its "
+                    f"weights were not saved; the newest checkpoint stays {self.newest()}. Lower "
+                    "train.lr, set train.grad_clip, or use train.precision=fp32")
+            log.warning("step %d: no checkpoint in a streak of non-finite steps; the newest "
+                        "stays %s", step, self.newest())
+            return False
+        path = distributed.run_on_main(self.env.is_main, functools.partial(
+            self.manager.save, step, {"config": config.to_dict(self.cfg),
+                                      "world_size": self.env.world_size,
+                                      "versions": library_versions()}))
+        if path is not None:
+            log.info("step %d: checkpoint %s", step, path)
+        return True
+
+
+class MetricsLog:
+    """The log line on its cadence (train.log_every): loss and gradient norm of the steps since
+    the last one that were not skipped, summed on the device; images/s, chip utilisation and
+    data wait of the interval; written to the tracker and the progress bar."""
+
+    def __init__(self, cfg: Config, env: DistEnv, tracker: Tracker, step: int,
+                 train_gflop_per_image: float, peak_tflops: float | None) -> None:
+        self.tc, self.tracker = cfg.train, tracker
+        self.sums = torch.zeros(3, device=env.device)  # loss, grad norm, steps
+        self.since_step, self.since = step, time.perf_counter()
+        self.gflop, self.world_size, self.peak = train_gflop_per_image, env.world_size, peak_tflops
+        self.bar = tqdm(total=self.tc.max_steps, initial=step, disable=not env.is_main,
+                        unit="step", dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
+
+    def add(self, loss: Tensor, grad_norm: Tensor, skip: Tensor) -> None:
+        self.sums += torch.where(skip, 0.0, torch.stack([loss, grad_norm, torch.ones_like(loss)]))
+        self.bar.update(1)
+
+    def due(self, step: int) -> bool:
+        return due(step, self.tc.log_every, self.tc.max_steps)
+
+    def write(self, step: int, extra: dict[str, float], data_wait_s: float) -> None:
+        """Log the interval that ends at `step` (plus `extra`), then start anew. The loss, grad
+        norm (left out if every step was skipped) are averaged over ranks: their only host read.
+        TFLOP/s are per device; data wait is this rank's fraction of the interval."""
+        loss, norm, steps = distributed.mean_across_ranks(self.sums).tolist()
+        now = time.perf_counter()
+        out = {"loss": loss / steps, "grad_norm": norm / steps} if steps else {}
+        out["images_per_s"] = self.tc.batch_size * (step - self.since_step) / (now - self.since)
+        out["tflops"] = achieved_tflops(out["images_per_s"], self.gflop, self.world_size)
+        if self.peak:
+            out["peak_fraction"] = out["tflops"] / self.peak
+        out["data_wait"] = data_wait_s / (now - self.since)
+        self.sums.zero_()
+        self.since_step, self.since = step, now
+        self.tracker.log(step, out | extra)
+        self.bar.set_postfix(loss=f"{out.get('loss', math.nan):.4f}",
+                             img_s=f"{out['images_per_s']:.1f}")
+
+    def close(self) -> None:
+        self.bar.close()
+        self.tracker.finish()
+
+
+class Evaluator:
+    """The sample grid (train.sample_every; rank 0, one row per class) and in-training FID
+    (fid.every; all ranks) on their cadence, from the EMA (or the raw weights for the grid)."""
+
+    def __init__(self, cfg: Config, env: DistEnv, model: nn.Module, ema: EMA,
+                 diffusion: Diffusion, class_names: tuple[str, ...] | list[str],
+                 precision: str, tracker: Tracker) -> None:
+        self.cfg, self.env, self.model, self.ema = cfg, env, model, ema
+        self.diffusion, self.class_names = diffusion, class_names
+        self.precision, self.tracker = precision, tracker
+
+    def due(self, step: int) -> bool:
+        return self._grid_due(step) or self._fid_due(step)
+
+    def _grid_due(self, step: int) -> bool:
+        return due(step, self.cfg.train.sample_every, self.cfg.train.max_steps)
+
+    def _fid_due(self, step: int) -> bool:
+        return due(step, self.cfg.fid.every, self.cfg.train.max_steps)
+
+    def run(self, step: int) -> bool:
+        """What is due at this step; whether anything was."""
+        cfg, s = self.cfg, self.cfg.sample
+        if self._grid_due(step) and self.env.is_main:
+            names = self.class_names
+            labels = torch.arange(len(names), device=self.env.device).repeat_interleave(
+                s.per_class)
+            imgs = generate(self.ema.module if s.use_ema else self.model, self.diffusion, labels,
+                            s.sampler, s.steps, s.guidance, seed=cfg.seed, eta=s.eta,
+                            precision=self.precision, image_size=cfg.model.image_size,
+                            channels=cfg.model.in_channels)
+            path = save_grid(imgs, names, s.per_class,
+                             Path(cfg.out_dir) / rundir.SAMPLES / f"step-{step:08d}.png")
+            self.tracker.log_image(step, "samples", path)
+        if self._fid_due(step):
+            from ddp_diffusion.fid import evaluate  # all ranks: compute() is a collective
+
+            fid = evaluate(self.ema.module, self.diffusion, cfg, cfg.fid, cfg.seed,
+                           self.precision)
+            self.tracker.log(step, {k: fid[k] for k in ("fid", "class_accuracy") if k in fid})
+        return self.due(step)
+
+
+class SyncPoint:
+    """Where the host waits for the device: every train.sync_every steps, and wherever another
+    component is due. It reads the non-finite steps since the last one (aborting a run that
+    diverged), then agrees with every rank, in one tiny CPU collective, whether any got a stop
+    signal or ran out of time, and whether rank 0 still holds the run directory's lock."""
+
+    def __init__(self, cfg: Config, env: DistEnv, stop: signals.StopRequest,
+                 lock: rundir.RunLock, nonfinite: NonFiniteSteps, progress: Progress,
+                 newest_checkpoint: Callable[[], str]) -> None:
+        self.tc, self.env, self.stop, self.lock = cfg.train, env, stop, lock
+        self.nonfinite, self.progress = nonfinite, progress
+        self.newest_checkpoint = newest_checkpoint
+        self.deadline = (time.perf_counter() + 60 * self.tc.time_limit_minutes
+                         if self.tc.time_limit_minutes > 0 else math.inf)
+
+    def due(self, step: int) -> bool:
+        return due(step, self.tc.sync_every, self.tc.max_steps)
+
+    def check(self, step: int) -> tuple[bool, bool]:
+        """(stop now, time is up), the same on every rank; raises if the run cannot go on."""
+        diverged_at = self.nonfinite.read(step, self.tc.max_nonfinite)
+        self.progress.nonfinite_total = self.nonfinite.total
+        if diverged_at is not None:
+            raise TrainingDiverged(
+                f"loss was non-finite for {self.nonfinite.streak} steps in a row (up to step "
+                f"{diverged_at}); last checkpoint: {self.newest_checkpoint()}; lower train.lr, "
+                "set train.grad_clip, or use train.precision=fp32")
+        lock_lost = self.env.is_main and self.lock.still_held()
+        stop_now, time_up, lost = distributed.agree_any(
+            [self.stop.requested, time.perf_counter() > self.deadline, bool(lock_lost)])
+        if lost:  # another run writes out_dir now: stop before writing anything more
+            raise WriteFailed(lock_lost or f"rank 0 lost {self.lock.path}; stopped at step {step}")
+        return stop_now, time_up
+
+    def timed_out(self, step: int) -> int:
+        """Say that train.time_limit_minutes ended training; the exit code for it."""
+        log.info("train.time_limit_minutes=%g reached at step %d", self.tc.time_limit_minutes,
+                 step)
+        return EXIT_OK
+
+    def stop_requested(self) -> bool:
+        """Whether any rank got a stop signal (a collective)."""
+        return distributed.agree_any([self.stop.requested])[0]
+
+    def stopped(self, step: int, saved: bool) -> int:
+        """Say why and where training stopped; the exit code for it."""
+        name = (signal.Signals(self.stop.signal).name if self.stop.signal
+                else "another rank's signal")
+        log.warning("stopped by %s at step %d%s; exit code %d (run the same command again to "
+                    "resume)", name, step, " after saving a checkpoint" if saved else "",
+                    EXIT_PREEMPTED)
+        return EXIT_PREEMPTED
+
+
+class Trainer:
+    """One training run, built once in __init__ (data, model, run directory, optimizer, the
+    checkpointed parts, loader, and the components that decide their own cadence); `fit` is
+    the loop and `train_one_step` its compute."""
+
+    def __init__(self, cfg: Config, env: DistEnv, stop: signals.StopRequest,
+                 lock: rundir.RunLock) -> None:
+        tc = cfg.train
+        self.env = env
+        self.micro = check_batch(tc.batch_size, env.world_size, tc.grad_accum)
+        self.precision = precision = resolve_precision(tc.precision, env.device)
+        if precision == "bf16" and not bf16_is_fast(env.device):
+            log.warning("train.precision=bf16 but this %s has no native bf16 convolutions: "
+                        "expect it to be several times slower than fp32 (use "
+                        "train.precision=auto)", env.device.type)
+
+        # Data first (fails fast, every image file checked): it decides the model's input
+        # channels and number of classes.
+        source = open_source(cfg.data, cfg.model.image_size, cfg.data.num_workers)
+        self.cfg = cfg = dataclasses.replace(cfg, model=config.with_data_shape(
+            cfg.model, len(source.class_names), source.channels))
+        check_fits(tc.batch_size, len(source))  # before the run directory is touched
+
+        # The model (same init on every rank: DDP checks), and whether a micro-batch fits.
+        torch.manual_seed(cfg.seed)
+        self.diffusion = Diffusion(cfg.diffusion)
+        self.model = model = build_denoiser(cfg.model, self.diffusion.num_timesteps).to(
+            env.device)
+        gflop = forward_gflops(model, cfg.model.image_size, source.channels)
+        check_memory(model, cfg, self.micro, precision, env)
+
+        state, resume_path, tracker = take_run_dir(cfg, env, lock)
+        peak = peak_tflops(env.device, precision, tc.peak_tflops)
+        log.info("model %s: %.2fM parameters, %.3f GFLOP forward per image; world size %d (%s, "
+                 "%s); peak %s", cfg.model.name, count_parameters(model) / 1e6, gflop,
+                 env.world_size, env.device, precision, f"{peak:g} TFLOP/s per device" if peak
+                 else "unknown (set train.peak_tflops to log the fraction of it used)")
+        if tc.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.ema = EMA(model)
+        # Fused: one kernel for all parameters, and it skips a non-finite step on the device.
+        self.opt = torch.optim.AdamW(model.parameters(), lr=learning_rate(tc, 0),
+                                     betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay,
+                                     fused=True)
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
+        self.progress = Progress(run_id=tracker.run_id)
+        manager = CheckpointManager(Path(cfg.out_dir) / rundir.CHECKPOINTS, {
+            Part.MODEL: model, Part.EMA: self.ema, Part.OPTIMIZER: OptimizerState(self.opt),
+            Part.GRAD_SCALER: ScalerState(self.scaler), Part.DATA: source,
+            Part.PROGRESS: self.progress,
+        }, tc.keep_last, tc.milestone_every)
+        if state is not None:
+            manager.restore(state, resume_path)
+            log_resume(state, resume_path, cfg, env)
+            del state
+        if tracker.wandb_dir:
+            log.info("W&B run %s (%s) in %s", self.progress.run_id, cfg.tracking.wandb,
+                     tracker.wandb_dir)
+        self.loader = make_loader(source, cfg, env.rank, env.world_size, env.device,
+                                  self.progress.step, self.diffusion.num_timesteps)
+        self.train_model, self.no_sync = wrap_for_training(model, self.diffusion, cfg, env,
+                                                           self.micro, precision)
+
+        # The components; each decides when it is due.
+        self.nonfinite = NonFiniteSteps(env.device, tc.sync_every, self.progress.nonfinite_total)
+        self.ckpt = Checkpointer(manager, cfg, env, self.nonfinite)
+        self.metrics = MetricsLog(cfg, env, tracker, self.progress.step, 3 * gflop, peak)
+        self.evaluator = Evaluator(cfg, env, model, self.ema, self.diffusion,
+                                   source.class_names, precision, tracker)
+        self.sync = SyncPoint(cfg, env, stop, lock, self.nonfinite, self.progress,
+                              self.ckpt.newest)
+        self.ema_beta = math.nan  # of the newest step, for the log
+        model.train()
+        self.profiler = start_profiler(tc.profile_steps, Path(cfg.out_dir), env)
+
+    def train_one_step(self) -> tuple[Tensor, Tensor, Tensor]:
+        """One optimizer step (skipped on the device if it is not finite) and the EMA update;
+        its loss, gradient norm and skip flag, all still on the device."""
+        tc, p = self.cfg.train, self.progress
+        for group in self.opt.param_groups:
+            group["lr"] = learning_rate(tc, p.step)
+        batches = self.loader.micro_batches(p.step)
+        loss, grad_norm = train_step(self.train_model, self.no_sync, self.diffusion, batches,
+                                     self.opt, self.scaler, tc, self.precision)
+        skip = self.nonfinite.record(loss, grad_norm, loss_scaling=self.scaler.is_enabled())
+        apply_update(self.opt, self.scaler, skip)
+        p.step += 1
+        p.images_seen += tc.batch_size
+        self.ema_beta = ema_beta(tc.batch_size, p.images_seen, tc.ema_halflife_kimg,
+                                 tc.ema_rampup_ratio)
+        self.ema.update(self.model, self.ema_beta, skip)
+        self.opt.zero_grad(set_to_none=True)
+        if self.profiler is not None:
+            self.profiler.step()
+        return loss, grad_norm, skip
+
+    def fit(self) -> int:
+        """Train to train.max_steps; the exit code (0 done, 75 stopped by a signal)."""
+        p, last = self.progress, self.cfg.train.max_steps
+        try:
+            if self.sync.stop_requested():  # a signal while starting up
+                return self.sync.stopped(p.step, saved=False)
+            while p.step < last:
+                self.metrics.add(*self.train_one_step())
+                step = p.step
+                if not any(c.due(step) for c in (self.sync, self.metrics, self.ckpt,
+                                                 self.evaluator)):
+                    continue  # the host did not wait for the device
+
+                stop_now, time_up = self.sync.check(step)
+                if self.metrics.due(step):
+                    self.metrics.write(step, {
+                        "lr": self.opt.param_groups[0]["lr"], "ema_beta": self.ema_beta,
+                        "images_seen": p.images_seen, "nonfinite_total": p.nonfinite_total,
+                    }, self.loader.take_wait())
+                saved = (stop_now or time_up or self.ckpt.due(step)) and self.ckpt.save(step)
+                if stop_now:
+                    return self.sync.stopped(step, saved)
+                if time_up:
+                    return self.sync.timed_out(step)
+                # Grids and FID come after the step's checkpoint; a signal that arrives while
+                # they run is honoured as soon as they end.
+                if self.evaluator.run(step) and step < last and self.sync.stop_requested():
+                    return self.sync.stopped(step, saved or self.ckpt.save(step))
+            log.info("done: step %d, %d images; checkpoints in %s", p.step, p.images_seen,
+                     self.ckpt.manager.ckpt_dir)
+            return EXIT_OK
+        finally:
+            if self.profiler is not None:
+                self.profiler.stop()
+            self.metrics.close()
+
+
 def train(cfg: Config, stop: signals.StopRequest | None = None) -> int:
     """Train as configured; returns the exit code (0 done, 75 stopped by a signal after saving).
     `stop`: the handlers the caller installed already (else installed here)."""
@@ -327,224 +639,7 @@ def train(cfg: Config, stop: signals.StopRequest | None = None) -> int:
         env = distributed.init(cfg.train.num_threads, cfg.train.deterministic)
         if not env.is_main:
             logging.getLogger("ddp_diffusion").setLevel(logging.WARNING)  # other ranks stay quiet
-        return _train(cfg, env, stop, lock)
+        return Trainer(cfg, env, stop, lock).fit()
     finally:
         lock.release()
         distributed.shutdown()
-
-
-def _train(cfg: Config, env: DistEnv, stop: signals.StopRequest,
-           lock: rundir.RunLock) -> int:
-    tc = cfg.train
-    micro = check_batch(tc.batch_size, env.world_size, tc.grad_accum)
-    precision = resolve_precision(tc.precision, env.device)
-    if precision == "bf16" and not bf16_is_fast(env.device):
-        log.warning("train.precision=bf16 but this %s has no native bf16 convolutions: expect "
-                    "it to be several times slower than fp32 (use train.precision=auto)",
-                    env.device.type)
-    out_dir = Path(cfg.out_dir)
-
-    # Data first (fails fast, every image file checked): it decides the model's input channels
-    # and number of classes.
-    source = open_source(cfg.data, cfg.model.image_size, cfg.data.num_workers)
-    cfg = dataclasses.replace(cfg, model=config.with_data_shape(
-        cfg.model, len(source.class_names), source.channels))
-    check_fits(tc.batch_size, len(source))  # before the run directory is touched
-
-    # The model (same init on every rank: DDP checks), and whether a micro-batch of it fits.
-    torch.manual_seed(cfg.seed)
-    diffusion = Diffusion(cfg.diffusion)
-    model = build_denoiser(cfg.model, diffusion.num_timesteps).to(env.device)
-    gflop = forward_gflops(model, cfg.model.image_size, source.channels)
-    check_memory(model, cfg, micro, precision, env)
-
-    # Rank 0 takes the run directory and picks the checkpoint; every rank then loads that one.
-    prepared = distributed.run_on_main(env.is_main, functools.partial(prepare_run_dir, cfg, lock))
-    plan, tracker = prepared or (None, None)
-    run_id, resume_path = distributed.broadcast_object(
-        (tracker.run_id, plan.path and str(plan.path)) if prepared else None)
-    if tracker is None:
-        tracker = Tracker(cfg, run_id, active=False)
-    state = plan.state if plan is not None else None
-    if resume_path is not None and state is None:
-        try:
-            state = checkpoint.read(Path(resume_path))
-        except checkpoint.CheckpointError as e:
-            raise UserError(f"rank {env.rank}: {e}") from None
-
-    # EMA, optimizer, loss scaler.
-    peak = peak_tflops(env.device, precision, tc.peak_tflops)
-    log.info("model %s: %.2fM parameters, %.3f GFLOP forward per image; world size %d (%s, %s); "
-             "peak %s", cfg.model.name, count_parameters(model) / 1e6, gflop, env.world_size,
-             env.device, precision, f"{peak:g} TFLOP/s per device" if peak else
-             "unknown (set train.peak_tflops to log the fraction of it used)")
-    if tc.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    ema = EMA(model)
-    # Fused: one kernel for all parameters, and it skips a non-finite step on the device.
-    opt = torch.optim.AdamW(model.parameters(), lr=learning_rate(tc, 0),
-                            betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay, fused=True)
-    scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
-    progress = Progress(run_id=run_id)
-    ckpt = CheckpointManager(out_dir / rundir.CHECKPOINTS, {
-        "model": model, "ema": ema, "optimizer": OptimizerState(opt),
-        "grad_scaler": ScalerState(scaler), "data": source, "progress": progress,
-    }, tc.keep_last, tc.milestone_every)
-    if state is not None:
-        ckpt.restore(state, resume_path)
-        log_resume(state, resume_path, cfg, env)
-        del state, plan
-    if tracker.wandb_dir:
-        log.info("W&B run %s (%s) in %s", progress.run_id, cfg.tracking.wandb, tracker.wandb_dir)
-    loader = make_loader(source, cfg, env.rank, env.world_size, env.device, progress.step,
-                         diffusion.num_timesteps)
-
-    # What the step calls: the model, inside DDP when distributed, compiled when asked.
-    train_model: nn.Module = model
-    ddp = None
-    if env.distributed:
-        ddp = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                  gradient_as_bucket_view=True, bucket_cap_mb=25)
-        train_model = ddp
-    if tc.compile:
-        train_model = torch.compile(train_model)
-    no_sync = ddp.no_sync if ddp is not None else contextlib.nullcontext
-    if ddp is not None:
-        image_shape = (source.channels, cfg.model.image_size, cfg.model.image_size)
-        settle_ddp_buckets(train_model, diffusion, Batch.zeros(micro, image_shape, env.device),
-                           tc.channels_last, precision)
-
-    def newest_checkpoint() -> str:
-        return str(ckpt.lineage[max(ckpt.lineage)]) if ckpt.lineage else "none"
-
-    def save_checkpoint() -> bool:
-        """Rank 0 writes the checkpoint of this step (every rank learns if that failed); not in
-        a streak of non-finite steps, whose weights are suspect: the good one stays newest."""
-        if nonfinite.streak:
-            if progress.step == tc.max_steps:
-                raise TrainingDiverged(
-                    f"training ended in {nonfinite.streak} non-finite step(s), so its weights "
-                    f"were not saved; the newest checkpoint stays {newest_checkpoint()}. Lower "
-                    "train.lr, set train.grad_clip, or use train.precision=fp32")
-            log.warning("step %d: no checkpoint in a streak of non-finite steps; the newest "
-                        "stays %s", progress.step, newest_checkpoint())
-            return False
-        path = distributed.run_on_main(env.is_main, functools.partial(
-            ckpt.save, progress.step, {"config": config.to_dict(cfg),
-                                       "world_size": env.world_size,
-                                       "versions": library_versions()}))
-        if path is not None:
-            log.info("step %d: checkpoint %s", progress.step, path)
-        return True
-
-    def grid_and_fid(step: int) -> bool:
-        """The sample grid (rank 0: one row per class) and in-training FID (all ranks) due at
-        this step; whether any was."""
-        s = cfg.sample
-        grid_due = due(step, tc.sample_every, tc.max_steps)
-        fid_due = due(step, cfg.fid.every, tc.max_steps)
-        if grid_due and env.is_main:
-            names = source.class_names
-            labels = torch.arange(len(names), device=env.device).repeat_interleave(s.per_class)
-            imgs = generate(ema.module if s.use_ema else model, diffusion, labels, s.sampler,
-                            s.steps, s.guidance, seed=cfg.seed, eta=s.eta, precision=precision,
-                            image_size=cfg.model.image_size, channels=source.channels)
-            path = save_grid(imgs, names, s.per_class,
-                             out_dir / rundir.SAMPLES / f"step-{step:08d}.png")
-            tracker.log_image(step, "samples", path)
-        if fid_due:
-            from ddp_diffusion.fid import evaluate  # all ranks: compute() is a collective
-
-            fid = evaluate(ema.module, diffusion, cfg, cfg.fid, cfg.seed, precision)
-            tracker.log(step, {k: fid[k] for k in ("fid", "class_accuracy") if k in fid})
-        return grid_due or fid_due
-
-    def stopped(step: int, saved: bool) -> int:
-        name = signal.Signals(stop.signal).name if stop.signal else "another rank's signal"
-        log.warning("stopped by %s at step %d%s; exit code %d (run the same command again to "
-                    "resume)", name, step, " after saving a checkpoint" if saved else "",
-                    EXIT_PREEMPTED)
-        return EXIT_PREEMPTED
-
-    progress_bar = tqdm(total=tc.max_steps, initial=progress.step, disable=not env.is_main,
-                        unit="step", dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
-    window = LogWindow(env.device, progress.step, 3 * gflop, env.world_size, peak)
-    nonfinite = NonFiniteSteps(env.device, tc.sync_every, progress.nonfinite_total)
-    # The host waits for the device only at sync points: every train.sync_every steps, and
-    # wherever a log line, checkpoint, grid or FID is due.
-    cadences = (tc.sync_every, tc.log_every, tc.ckpt_every, tc.sample_every, cfg.fid.every)
-    deadline = (time.perf_counter() + 60 * tc.time_limit_minutes if tc.time_limit_minutes > 0
-                else math.inf)
-    model.train()
-    profiler = start_profiler(tc.profile_steps, out_dir, env)
-    try:
-        if distributed.agree_any([stop.requested])[0]:  # a signal while starting up
-            return stopped(progress.step, saved=False)
-        while progress.step < tc.max_steps:
-            step = progress.step
-            for group in opt.param_groups:
-                group["lr"] = learning_rate(tc, step)
-            batches = loader.micro_batches(step)
-            loss, grad_norm = train_step(train_model, no_sync, diffusion, batches, opt, scaler,
-                                         tc, precision)
-            skip = nonfinite.record(loss, grad_norm, loss_scaling=scaler.is_enabled())
-            apply_update(opt, scaler, skip)
-            progress.step = step = step + 1
-            progress.images_seen += tc.batch_size
-            ema.update(model, ema_beta(tc.batch_size, progress.images_seen,
-                                       tc.ema_halflife_kimg, tc.ema_rampup_ratio), skip)
-            window.add(loss, grad_norm, skip)
-            opt.zero_grad(set_to_none=True)
-            progress_bar.update(1)
-            if profiler is not None:
-                profiler.step()
-            if not any(due(step, every, tc.max_steps) for every in cadences):
-                continue
-
-            # A sync point. The non-finite steps since the last one, as they happened; then one
-            # tiny CPU collective: did any rank get a stop signal or run out of time?
-            diverged_at = nonfinite.read(step, tc.max_nonfinite)
-            progress.nonfinite_total = nonfinite.total
-            if diverged_at is not None:
-                raise TrainingDiverged(
-                    f"loss was non-finite for {nonfinite.streak} steps in a row (up to step "
-                    f"{diverged_at}); last checkpoint: {newest_checkpoint()}; lower train.lr, "
-                    "set train.grad_clip, or use train.precision=fp32")
-            lock_lost = env.is_main and lock.still_held()
-            stop_now, time_up, lost = distributed.agree_any(
-                [stop.requested, time.perf_counter() > deadline, bool(lock_lost)])
-            if lost:  # another run writes out_dir now: stop before writing anything more
-                raise WriteFailed(lock_lost or f"rank 0 lost {lock.path}; stopped at step {step}")
-            if due(step, tc.log_every, tc.max_steps):
-                metrics = window.close(step, tc.batch_size, loader.take_wait()) | {
-                    "lr": opt.param_groups[0]["lr"],
-                    "ema_beta": ema_beta(tc.batch_size, progress.images_seen,
-                                         tc.ema_halflife_kimg, tc.ema_rampup_ratio),
-                    "images_seen": progress.images_seen,
-                    "nonfinite_total": progress.nonfinite_total,
-                }
-                tracker.log(step, metrics)
-                progress_bar.set_postfix(loss=f"{metrics.get('loss', math.nan):.4f}",
-                                         img_s=f"{metrics['images_per_s']:.1f}")
-            saved = ((stop_now or time_up or due(step, tc.ckpt_every, tc.max_steps))
-                     and save_checkpoint())
-            if stop_now:
-                return stopped(step, saved)
-            if time_up:
-                log.info("train.time_limit_minutes=%g reached at step %d", tc.time_limit_minutes,
-                         step)
-                return EXIT_OK
-
-            # Grids and FID come after the step's checkpoint; a signal that arrives while they
-            # run is honoured as soon as they end.
-            if (grid_and_fid(step) and step < tc.max_steps
-                    and distributed.agree_any([stop.requested])[0]):
-                return stopped(step, saved or save_checkpoint())
-        log.info("done: step %d, %d images; checkpoints in %s", progress.step,
-                 progress.images_seen, ckpt.ckpt_dir)
-        return EXIT_OK
-    finally:
-        if profiler is not None:
-            profiler.stop()
-        progress_bar.close()
-        tracker.finish()
