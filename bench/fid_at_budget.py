@@ -31,7 +31,7 @@ from train_throughput import TIMING, step_seconds, trainer_command  # bench/, be
 from ddp_diffusion import checkpoint, config, distributed, rundir
 from ddp_diffusion.fid import evaluate
 from ddp_diffusion.precision import resolve_precision
-from ddp_diffusion.sample import load_run
+from ddp_diffusion.runs import load_run
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "configs" / "quickstart_cpu.yaml"

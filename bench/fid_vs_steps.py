@@ -29,7 +29,7 @@ from ddp_diffusion.errors import UserError
 from ddp_diffusion.fid import evaluate, real_fid
 from ddp_diffusion.model import count_parameters
 from ddp_diffusion.precision import resolve_precision
-from ddp_diffusion.sample import load_run
+from ddp_diffusion.runs import load_run
 
 GRID = [("ddpm", 1000), ("ddpm", 250), ("ddpm", 50), ("ddpm", 25), ("ddim", 100), ("ddim", 50),
         ("ddim", 25), ("ddim", 10), ("dpm++", 25), ("dpm++", 10), ("unipc", 25), ("unipc", 10),

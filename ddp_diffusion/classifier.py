@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ddp_diffusion.data import derive_seed
 from ddp_diffusion.errors import UserError
+from ddp_diffusion.seeds import derive_seed
 from ddp_diffusion.sources import load_split
 
 ASSETS = Path(__file__).resolve().parent / "assets"

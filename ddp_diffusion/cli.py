@@ -86,7 +86,8 @@ def _sample(args: argparse.Namespace) -> int:
     check_writable(out, "--out")
     import torch
 
-    from ddp_diffusion.sample import check_grid, generate_grid, load_run, parse_classes
+    from ddp_diffusion.runs import load_run
+    from ddp_diffusion.sample import check_grid, generate_grid, parse_classes
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     run = load_run(Path(args.run), args.checkpoint and Path(args.checkpoint), args.ema, device)
@@ -115,7 +116,7 @@ def _fid(args: argparse.Namespace) -> int:
     from ddp_diffusion import distributed
     from ddp_diffusion.fid import evaluate, local_paths
     from ddp_diffusion.files import check_writable, write_atomic
-    from ddp_diffusion.sample import load_run
+    from ddp_diffusion.runs import load_run
 
     env = distributed.init()
     try:

@@ -22,7 +22,6 @@ Two loaders share this plan behind one interface, `micro_batches(step)`:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -33,18 +32,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from ddp_diffusion.config import Config
 from ddp_diffusion.errors import UserError
+from ddp_diffusion.seeds import derive_seed
 from ddp_diffusion.signals import loader_worker_init
 from ddp_diffusion.sources import Reader, Source, collate
 
 log = logging.getLogger("ddp_diffusion")
 
 MEMORY_LIMIT_BYTES = 2 * 2**30  # data.loader=auto holds a set in memory up to this size
-
-
-def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed from (seed, stream name, step, ...): streams never overlap or correlate."""
-    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 @dataclass

@@ -47,10 +47,10 @@ from ddp_diffusion.config import (
     check_fid,
     has_fashion_classifier,
 )
-from ddp_diffusion.data import derive_seed
 from ddp_diffusion.diffusion import ConditionalDenoiser, Diffusion
 from ddp_diffusion.errors import UserError
 from ddp_diffusion.sample import generate
+from ddp_diffusion.seeds import derive_seed
 from ddp_diffusion.sources import open_source
 
 log = logging.getLogger("ddp_diffusion")

@@ -16,7 +16,7 @@ from PIL import Image
 from ddp_diffusion import checkpoint
 from ddp_diffusion.config import ModelConfig
 from ddp_diffusion.model import build_denoiser, forward_gflops
-from ddp_diffusion.sample import load_run
+from ddp_diffusion.runs import load_run
 
 sys.path.insert(0, str(REPO / "bench"))
 from codealong import CodeAlong  # bench/ holds scripts, not a package

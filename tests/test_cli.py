@@ -44,7 +44,8 @@ def test_a_grid_of_one_batch_is_the_one_batch_grid_as_before(trained_run: Path,
     import torch
     from torchvision.utils import make_grid
 
-    from ddp_diffusion.sample import LABEL_WIDTH, generate, load_run
+    from ddp_diffusion.runs import load_run
+    from ddp_diffusion.sample import LABEL_WIDTH, generate
 
     out = tmp_path / "grid.png"
     run_cli("sample", "--run", str(trained_run), "--classes", "1,7", "--per-class", "3",

@@ -622,7 +622,7 @@ def test_sample_takes_the_new_newest_checkpoint_when_the_newest_is_pruned_as_it_
     """A training run saves step 4 and prunes step 3 just as `sample` opens step 3, the newest
     file it listed: the deletion happens for real at that open (an audit hook on this process's
     file opens), and load_run lists again instead of retrying the deleted path."""
-    from ddp_diffusion.sample import load_run
+    from ddp_diffusion.runs import load_run
 
     ckpts = tmp_path / "run" / "checkpoints"
     state = checkpoint.read(path_for(trained / "checkpoints", 2))
