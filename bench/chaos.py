@@ -44,7 +44,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from ddp_diffusion import checkpoint, files, rundir  # noqa: E402  (bench/ holds scripts)
+from ddp_diffusion import checkpoint, errors, files, rundir  # noqa: E402  (bench/ holds scripts)
 
 KINDS = ("rank-kill", "rank-term", "job-term", "job-kill")
 AIMS = ("step", "save", "grid")
@@ -217,7 +217,7 @@ def main() -> int:
     for _, path in checkpoint.list_checkpoints(out / rundir.CHECKPOINTS):
         try:
             checkpoint.read(path, tries=1)
-        except checkpoint.CheckpointError as e:
+        except errors.CheckpointError as e:
             unreadable.append(str(e))
     final = checkpoint.list_checkpoints(out / rundir.CHECKPOINTS)[-1][1]
     differences = checkpoint.training_differences(

@@ -60,7 +60,7 @@ from train_throughput import (  # bench/, beside this file
     trainer_command,
 )
 
-from ddp_diffusion import checkpoint, config, rundir
+from ddp_diffusion import checkpoint, config, errors, rundir
 from ddp_diffusion.classifier import WEIGHTS as FASHION_CLASSIFIER
 
 # The clock starts after the imports; STARTUP_S is the allowance for the interpreter, the
@@ -302,7 +302,7 @@ def resume(check: Check) -> dict[str, Any]:
     for det, straight, resumed in pairs:
         try:
             a, b = newest_state(straight), newest_state(resumed)
-        except (IndexError, checkpoint.CheckpointError) as e:  # a run did not finish
+        except (IndexError, errors.CheckpointError) as e:  # a run did not finish
             rows.append({"deterministic": det, "error": f"{type(e).__name__}: {e}"})
             continue
         part = checkpoint.Part

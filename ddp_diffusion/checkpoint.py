@@ -23,7 +23,7 @@ import torch
 
 from ddp_diffusion import files
 from ddp_diffusion.config import flatten, from_dict, to_dict
-from ddp_diffusion.errors import UserError
+from ddp_diffusion.errors import CheckpointError, CheckpointGone, UserError
 
 log = logging.getLogger("ddp_diffusion")
 NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
@@ -47,18 +47,6 @@ class Part:
     GRAD_SCALER = "grad_scaler"
     DATA = "data"  # the data source: its classes, size and fingerprints
     PROGRESS = "progress"  # step, images seen, run id, non-finite steps
-
-
-class CheckpointError(Exception):
-    """A checkpoint file that cannot be used; the message names the file and why."""
-
-    def __init__(self, path: Path, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-
-
-class CheckpointGone(CheckpointError):
-    """A checkpoint that was deleted after it was listed (a run pruning its old files)."""
 
 
 class Stateful(Protocol):

@@ -11,7 +11,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from ddp_diffusion.errors import ERRORS, DDPDiffusionError
+from ddp_diffusion.errors import DDPDiffusionError, error_class
 
 T = TypeVar("T")
 
@@ -151,7 +151,7 @@ def run_on_main(is_main: bool, fn: Callable[[], T]) -> T | None:
                 raise
     failure = broadcast_object(failure)
     if failure is not None:
-        raise ERRORS[failure[0]](failure[1])
+        raise error_class(failure[0])(failure[1])
     return result
 
 

@@ -1,10 +1,16 @@
-"""The errors a user sees as one line, and the exit code of each.
+"""The errors of the package: those a user sees as one line with their exit code, and the few
+that code catches or that end a SLURM job.
 
-The CLI prints ``error: <message>`` for any of these and exits with its code; nothing else in
-the package decides exit codes.
+The CLI prints ``error: <message>`` for any DDPDiffusionError and exits with its code; nothing
+else in the package decides exit codes.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 EXIT_OK = 0
 EXIT_USER_ERROR = 2
@@ -38,4 +44,37 @@ class WriteFailed(DDPDiffusionError):
     exit_code = EXIT_IO_ERROR
 
 
-ERRORS = {cls.__name__: cls for cls in (UserError, TrainingDiverged, WriteFailed)}
+def error_class(name: str) -> type[DDPDiffusionError]:
+    """The DDPDiffusionError subclass called `name`, defined in any imported module: another
+    rank's error is raised again from its name and message only (distributed.run_on_main)."""
+    todo = [DDPDiffusionError]
+    while todo:
+        cls = todo.pop()
+        if cls.__name__ == name:
+            return cls
+        todo.extend(cls.__subclasses__())
+    raise KeyError(name)
+
+
+class CheckpointError(Exception):
+    """A checkpoint file that cannot be used; the message names the file and why.
+
+    Not a DDPDiffusionError: its callers decide whether it is the user's error (a named
+    checkpoint), a reason to try an older file, or a bench's failed run.
+    """
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+
+
+class CheckpointGone(CheckpointError):
+    """A checkpoint that was deleted after it was listed (a run pruning its old files)."""
+
+
+class RequeueLimitReached(RuntimeError):
+    """The job was stopped again after requeueing itself `max_requeues` times.
+
+    Raised in the SLURM job, not through the CLI: submitit records it with its traceback as the
+    task's failed result and the task exits with status 1 (an uncaught exception).
+    """

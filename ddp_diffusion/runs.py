@@ -11,7 +11,7 @@ import torch
 from ddp_diffusion import checkpoint, rundir
 from ddp_diffusion.config import Config, from_dict
 from ddp_diffusion.diffusion import ConditionalDenoiser, Diffusion
-from ddp_diffusion.errors import UserError
+from ddp_diffusion.errors import CheckpointError, UserError
 from ddp_diffusion.model import build_denoiser
 from ddp_diffusion.sources import CLASS_NAMES
 
@@ -23,7 +23,7 @@ def find_checkpoint(run_dir: Path, ckpt_path: Path | None) -> tuple[Path, dict]:
             raise UserError(f"--checkpoint {ckpt_path}: no such file")
         try:
             return ckpt_path, checkpoint.read(ckpt_path)
-        except checkpoint.CheckpointError as e:
+        except CheckpointError as e:
             raise UserError(str(e)) from None
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} does not exist; pass the out_dir of a run")

@@ -36,7 +36,7 @@ from submitit.core import utils as submitit_utils
 from ddp_diffusion import checkpoint
 from ddp_diffusion.config import Config
 from ddp_diffusion.data import check_batch
-from ddp_diffusion.errors import EXIT_PREEMPTED, UserError
+from ddp_diffusion.errors import EXIT_PREEMPTED, RequeueLimitReached, UserError
 from ddp_diffusion.signals import STOP_SIGNALS
 from ddp_diffusion.train import train
 
@@ -46,10 +46,6 @@ TIME_FORMATS = "MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
 # Pending reasons of a job that sbatch accepted but the partition can never run.
 NEVER_RUNS = ("PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints",
               "ReqNodeNotAvail")
-
-
-class RequeueLimitReached(RuntimeError):
-    """The job was stopped again after requeueing itself `max_requeues` times."""
 
 
 @dataclass

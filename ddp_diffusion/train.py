@@ -39,6 +39,7 @@ from ddp_diffusion.ema import EMA, ema_beta
 from ddp_diffusion.errors import (
     EXIT_OK,
     EXIT_PREEMPTED,
+    CheckpointError,
     TrainingDiverged,
     UserError,
     WriteFailed,
@@ -300,7 +301,7 @@ def take_run_dir(cfg: Config, env: DistEnv, lock: rundir.RunLock
     if path is not None and state is None:
         try:
             state = checkpoint.read(Path(path))
-        except checkpoint.CheckpointError as e:
+        except CheckpointError as e:
             raise UserError(f"rank {env.rank}: {e}") from None
     return state, path, tracker
 

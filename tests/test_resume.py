@@ -27,7 +27,8 @@ from conftest import (
 )
 
 from ddp_diffusion import checkpoint
-from ddp_diffusion.checkpoint import CheckpointError, CheckpointManager
+from ddp_diffusion.checkpoint import CheckpointManager
+from ddp_diffusion.errors import CheckpointError
 
 
 def args(tiny_data: Path, out: Path, steps: int, *extra: str) -> list[str]:
