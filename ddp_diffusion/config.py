@@ -485,6 +485,17 @@ def _validate_train(t: TrainConfig) -> None:
                                          "(use auto, never, or the path of a ckpt-*.pt file)")
 
 
+def check_batch(batch_size: int, world_size: int, accum: int) -> int:
+    """Per-rank micro-batch size, or a clear error when the global batch does not divide (where
+    the world size is known: at submit and at the start of training)."""
+    if batch_size % (world_size * accum):
+        raise UserError(
+            f"train.batch_size={batch_size} is not divisible by world size {world_size} x "
+            f"train.grad_accum {accum}; choose a multiple of {world_size * accum}"
+        )
+    return batch_size // (world_size * accum)
+
+
 def _validate_data(d: DataConfig) -> None:
     check_at_least("data.num_workers", d.num_workers, 0)
     check(d.channels in (0, 1, 3), f"data.channels={d.channels} must be 0 (from the images), 1 "

@@ -64,16 +64,6 @@ class Batch:
 BATCH_FIELDS = tuple(Batch.__dataclass_fields__)
 
 
-def check_batch(batch_size: int, world_size: int, accum: int) -> int:
-    """Per-rank micro-batch size, or a clear error when the global batch does not divide."""
-    if batch_size % (world_size * accum):
-        raise UserError(
-            f"train.batch_size={batch_size} is not divisible by world size {world_size} x "
-            f"train.grad_accum {accum}; choose a multiple of {world_size * accum}"
-        )
-    return batch_size // (world_size * accum)
-
-
 def check_fits(batch_size: int, num_images: int) -> None:
     """A global batch no larger than the set, or a clear error."""
     if batch_size > num_images:

@@ -34,8 +34,7 @@ import submitit
 from submitit.core import utils as submitit_utils
 
 from ddp_diffusion import checkpoint
-from ddp_diffusion.config import Config
-from ddp_diffusion.data import check_batch
+from ddp_diffusion.config import Config, check_batch
 from ddp_diffusion.errors import EXIT_PREEMPTED, RequeueLimitReached, UserError
 from ddp_diffusion.signals import STOP_SIGNALS
 from ddp_diffusion.train import train

@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 from ddp_diffusion import checkpoint, config, distributed, files, rundir, signals
 from ddp_diffusion.checkpoint import CheckpointManager, Part, ResumePlan
-from ddp_diffusion.config import Config, TrainConfig
-from ddp_diffusion.data import Batch, check_batch, check_fits, make_loader
+from ddp_diffusion.config import Config, TrainConfig, check_batch
+from ddp_diffusion.data import Batch, check_fits, make_loader
 from ddp_diffusion.diffusion import Diffusion
 from ddp_diffusion.distributed import DistEnv
 from ddp_diffusion.ema import EMA, ema_beta

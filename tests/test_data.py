@@ -11,7 +11,8 @@ import pytest
 import torch
 from conftest import DEBIAN_DIR, make_dataset, synthetic_split, write_idx
 
-from ddp_diffusion.data import MemoryLoader, StepPlan, check_batch
+from ddp_diffusion.config import check_batch
+from ddp_diffusion.data import MemoryLoader, StepPlan
 from ddp_diffusion.errors import UserError
 from ddp_diffusion.sources import RAW_FILES, fit, load_split, prepare, raw_dir
 
