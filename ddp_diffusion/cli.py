@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import get_args
 
+from ddp_diffusion import submit_options
 from ddp_diffusion.config import (
     DataConfig,
     Sampler,
@@ -42,13 +43,7 @@ def _train(args: argparse.Namespace) -> int:
 def _submit(args: argparse.Namespace) -> int:
     from ddp_diffusion import config, slurm
 
-    opts = slurm.SubmitOptions(
-        nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
-        cpus_per_task=args.cpus_per_task, partition=args.partition, account=args.account,
-        qos=args.qos, time=args.time, mem=args.mem, constraint=args.constraint,
-        exclude=args.exclude, job_name=args.job_name, sbatch=slurm.parse_sbatch(args.sbatch),
-        folder=args.folder, local=args.local, signal_delay_s=args.signal_delay,
-        max_requeues=args.max_requeues)
+    opts = submit_options.from_args(args)
     slurm.submit(config.load(args.config, args.overrides), opts)
     return 0
 
@@ -216,28 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Submit training to SLURM. Config and overrides as for `train`.")
     p.add_argument("--config", help="YAML config (defaults when omitted)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=0, help="also the tasks per node")
-    p.add_argument("--tasks-per-node", type=int, default=0,
-                   help="training processes per node (default: GPUs per node, or 1)")
-    p.add_argument("--cpus-per-task", type=int)
-    p.add_argument("--partition")
-    p.add_argument("--account")
-    p.add_argument("--qos")
-    p.add_argument("--time", default="24:00:00", help="time limit, e.g. 90, 4:00:00, 2-00:00")
-    p.add_argument("--mem", help="memory per node, e.g. 64G")
-    p.add_argument("--constraint")
-    p.add_argument("--exclude", help="nodes to avoid")
-    p.add_argument("--job-name", default="ddp-diffusion")
-    p.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra sbatch parameter (repeatable), e.g. mail-type=END or exclusive")
-    p.add_argument("--folder", help="submitit folder for logs and pickles "
-                                    "(default: OUT_DIR/slurm)")
-    p.add_argument("--local", action="store_true", help="run here with submitit's local executor")
-    p.add_argument("--signal-delay", type=int, default=120, metavar="SECONDS",
-                   help="USR2 this long before the time limit, to checkpoint and requeue")
-    p.add_argument("--max-requeues", type=int, default=10,
-                   help="how often the job may requeue itself after a stop signal")
+    submit_options.add_arguments(p)
     p.set_defaults(func=_submit)
     return parser
 

@@ -25,7 +25,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import NoReturn
@@ -37,6 +36,7 @@ from ddp_diffusion import checkpoint
 from ddp_diffusion.config import Config, check_batch
 from ddp_diffusion.errors import EXIT_PREEMPTED, RequeueLimitReached, UserError
 from ddp_diffusion.signals import STOP_SIGNALS
+from ddp_diffusion.submit_options import SubmitOptions
 from ddp_diffusion.train import train
 
 log = logging.getLogger("ddp_diffusion")
@@ -45,34 +45,6 @@ TIME_FORMATS = "MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
 # Pending reasons of a job that sbatch accepted but the partition can never run.
 NEVER_RUNS = ("PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints",
               "ReqNodeNotAvail")
-
-
-@dataclass
-class SubmitOptions:
-    """What to ask SLURM for (the `ddp-diffusion submit` flags)."""
-
-    nodes: int = 1
-    gpus_per_node: int = 0
-    tasks_per_node: int = 0  # 0: one per GPU, or 1 without GPUs
-    cpus_per_task: int | None = None
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    time: str = "24:00:00"
-    mem: str | None = None
-    constraint: str | None = None
-    exclude: str | None = None
-    job_name: str = "ddp-diffusion"
-    sbatch: dict[str, str | bool] = field(default_factory=dict)
-    folder: str | None = None  # default: <out_dir>/slurm
-    local: bool = False
-    signal_delay_s: int = 120
-    max_requeues: int = 10
-
-    @property
-    def tasks(self) -> int:
-        """Tasks (training processes) per node."""
-        return self.tasks_per_node or self.gpus_per_node or 1
 
 
 def parse_time(text: str) -> int:
@@ -91,18 +63,6 @@ def parse_time(text: str) -> int:
     return -(-total_s // 60)
 
 
-def parse_sbatch(items: list[str]) -> dict[str, str | bool]:
-    """Extra sbatch parameters "KEY=VALUE" or "FLAG" (e.g. mail-type=END, exclusive)."""
-    out: dict[str, str | bool] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        key = key.strip().lstrip("-")
-        if not key:
-            raise UserError(f"--sbatch '{item}' must look like KEY=VALUE or FLAG")
-        out[key] = value if sep else True
-    return out
-
-
 def build_executor(opts: SubmitOptions, out_dir: str) -> submitit.AutoExecutor:
     """A submitit executor for the job: SLURM (or submitit's local executor with `local`)."""
     folder = Path(opts.folder or Path(out_dir) / "slurm")
@@ -112,12 +72,10 @@ def build_executor(opts: SubmitOptions, out_dir: str) -> submitit.AutoExecutor:
     executor = submitit.AutoExecutor(folder=folder, cluster="local" if opts.local else "slurm",
                                      slurm_max_num_timeout=opts.max_requeues)
     executor.update_parameters(
-        name=opts.job_name, nodes=opts.nodes, tasks_per_node=opts.tasks,
-        gpus_per_node=opts.gpus_per_node or None, cpus_per_task=opts.cpus_per_task,
+        **opts.submitit_copies(),
+        tasks_per_node=opts.tasks,
+        gpus_per_node=opts.gpus_per_node or None,  # 0: no --gpus-per-node line at all
         timeout_min=parse_time(opts.time),
-        slurm_partition=opts.partition, slurm_account=opts.account, slurm_qos=opts.qos,
-        slurm_mem=opts.mem, slurm_constraint=opts.constraint, slurm_exclude=opts.exclude,
-        slurm_signal_delay_s=opts.signal_delay_s,
         # A task that fails ends the job step, instead of leaving the other ranks blocked in a
         # collective until its timeout.
         slurm_srun_args=["--kill-on-bad-exit=1"],

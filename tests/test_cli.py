@@ -11,7 +11,9 @@ import pytest
 from conftest import REPO, TINY, cli_env, run_cli
 from PIL import Image
 
+from ddp_diffusion.cli import build_parser
 from ddp_diffusion.sample import parse_classes
+from ddp_diffusion.submit_options import SubmitOptions, from_args
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +113,7 @@ def test_parse_classes_accepts_both_naming_schemes() -> None:
      "error: train.batch_size=7 is not divisible by train.grad_accum=2; choose a multiple of 2"),
     (["sample", "--run", "/nonexistent", "--out", "x.png"],
      "error: run directory /nonexistent does not exist; pass the out_dir of a run"),
+    (["submit", "--sbatch", "=END"], "error: --sbatch '=END' must look like KEY=VALUE or FLAG"),
 ])
 def test_errors_are_one_line(args: list[str], message: str) -> None:
     proc = run_cli(*args, check=False)
@@ -126,3 +129,30 @@ def test_missing_dataset_error(tmp_path: Path) -> None:
     assert last == (f"error: Fashion-MNIST not found in {tmp_path / 'none'}/FashionMNIST/raw or "
                     f"{tmp_path / 'none'}: install it with 'sudo apt-get install "
                     "dataset-fashion-mnist', or set data.download=true to fetch it")
+
+
+def test_submit_flags_fill_their_submit_options() -> None:
+    """The flags README documents, each read into its field; no flag given: the defaults."""
+    args = build_parser().parse_args([
+        "submit", "--nodes", "4", "--gpus-per-node", "8", "--tasks-per-node", "2",
+        "--cpus-per-task", "6", "--partition", "gpu", "--account", "proj", "--qos", "high",
+        "--time", "2-00:00:00", "--mem", "480G", "--constraint", "a100", "--exclude", "n1",
+        "--job-name", "fm", "--sbatch", "mail-type=END", "--sbatch", "exclusive", "--folder",
+        "logs", "--local", "--signal-delay", "60", "--max-requeues", "3", "train.max_steps=5"])
+    assert from_args(args) == SubmitOptions(
+        nodes=4, gpus_per_node=8, tasks_per_node=2, cpus_per_task=6, partition="gpu",
+        account="proj", qos="high", time="2-00:00:00", mem="480G", constraint="a100",
+        exclude="n1", job_name="fm", sbatch={"mail-type": "END", "exclusive": True},
+        folder="logs", local=True, signal_delay_s=60, max_requeues=3)
+    assert args.overrides == ["train.max_steps=5"]
+    assert from_args(build_parser().parse_args(["submit"])) == SubmitOptions()
+
+
+def test_the_parser_is_built_without_torch_or_submitit() -> None:
+    """`ddp-diffusion --help` answers at once: importing torch alone takes seconds."""
+    code = ("import sys; from ddp_diffusion.cli import build_parser; "
+            "build_parser().parse_args(['submit']); "
+            "print(sorted({'torch', 'submitit'} & set(sys.modules)))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=cli_env(), cwd=REPO, check=True)
+    assert proc.stdout.strip() == "[]"

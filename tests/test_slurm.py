@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,6 +22,7 @@ from conftest import REPO, TINY, assert_same_run, cli_env, final_state
 from slurm_cluster import cluster_unavailable_reason, slurm_cluster
 
 from ddp_diffusion import checkpoint
+from ddp_diffusion.submit_options import SubmitOptions
 
 pytestmark = pytest.mark.slow
 
@@ -259,3 +261,27 @@ def test_two_nodes_one_task_each_train_with_world_size_two(reference: dict, tiny
     state = final_state(out)
     assert state["world_size"] == 2
     assert_same_run(reference["out"], out)  # 2 nodes x 1 = 1 node x 2, bit for bit
+
+
+def test_submit_options_reach_the_job_script(tmp_path: Path) -> None:
+    """Every option SLURM sees is a line of the script submitit writes (nothing submitted)."""
+    if shutil.which("sbatch") is None or shutil.which("srun") is None:
+        pytest.skip("no SLURM client commands (sbatch, srun)")
+    from ddp_diffusion.slurm import build_executor
+
+    def sbatch_lines(opts: SubmitOptions) -> set[str]:
+        executor = build_executor(opts, str(tmp_path))
+        script = executor._executor._make_submission_file_text("true", "uid")
+        return {line for line in script.splitlines() if line.startswith("#SBATCH")}
+
+    lines = sbatch_lines(SubmitOptions(
+        nodes=4, gpus_per_node=8, cpus_per_task=6, partition="gpu", account="proj", qos="high",
+        time="1-00:30", mem="480G", constraint="a100", exclude="n1", job_name="fm",
+        sbatch={"mail-type": "END", "exclusive": True}, signal_delay_s=60))
+    assert {f"#SBATCH --{line}" for line in (
+        "nodes=4", "ntasks-per-node=8", "gpus-per-node=8", "cpus-per-task=6", "partition=gpu",
+        "account=proj", "qos=high", "time=1470", "mem=480G", "constraint=a100", "exclude=n1",
+        "job-name=fm", "mail-type=END", "exclusive", "signal=USR2@60", "requeue")} <= lines
+    lines = sbatch_lines(SubmitOptions(tasks_per_node=2))  # a CPU job: no GPU line at all
+    assert "#SBATCH --ntasks-per-node=2" in lines
+    assert not any("gpu" in line for line in lines), lines
