@@ -26,14 +26,10 @@ from torchmultimodal.diffusion_labs.schedules.discrete_gaussian_schedule import 
     cosine_beta_schedule,
     linear_beta_schedule,
 )
-from torchmultimodal.diffusion_labs.utils.common import DiffusionOutput
 
-from ddp_diffusion.config import DiffusionConfig
-
-__all__ = ["COND_KEY", "DROPOUT_KEYS", "ConditionalDenoiser", "Diffusion", "DiffusionOutput"]
-
-COND_KEY = "context"  # the conditional-input name the networks read, as in the code-along
-DROPOUT_KEYS = "dropout_keys"  # per-sample keys of the model's dropout masks (training only)
+from ddp_diffusion.config import DiffusionConfig, ModelConfig
+from ddp_diffusion.model import SeedUNet, UNet
+from ddp_diffusion.network import COND_KEY, DROPOUT_KEYS, Network, NetworkOutput
 
 
 def clamp_unit(x: Tensor) -> Tensor:
@@ -137,7 +133,7 @@ class ConditionalDenoiser(nn.Module):
     which labels are dropped does not depend on the world size or on the RNG of a rank.
     """
 
-    def __init__(self, net: nn.Module, num_classes: int, cond_dim: int) -> None:
+    def __init__(self, net: Network, num_classes: int, cond_dim: int) -> None:
         super().__init__()
         self.cond_dim = cond_dim
         self.class_embedding = nn.Embedding(num_classes, cond_dim)
@@ -166,13 +162,26 @@ class ConditionalDenoiser(nn.Module):
         return {COND_KEY: emb}
 
     def forward(self, xt: Tensor, t: Tensor, labels: Tensor, drop: Tensor | None = None,
-                keys: Tensor | None = None) -> DiffusionOutput:
+                keys: Tensor | None = None) -> NetworkOutput:
         """The prediction for x_t; `drop` (label dropout) and `keys` (the per-sample keys of the
         model's dropout masks) come from the data pipeline in training."""
         inputs = self.condition(labels, drop)
         if keys is not None:
             inputs[DROPOUT_KEYS] = keys  # CFGuidance passes inputs it does not guide through
         return self.cfguidance(xt, t, inputs)
+
+
+def build_denoiser(cfg: ModelConfig, num_timesteps: int) -> ConditionalDenoiser:
+    """The configured network inside the class embedding + CFGuidance wrapper."""
+    if cfg.num_classes is None or cfg.in_channels is None:
+        raise ValueError("model.num_classes and model.in_channels come from the data: "
+                         "use config.with_data_shape first")
+    if cfg.name == "seed_unet":
+        net: Network = SeedUNet(num_timesteps, time_dim=32, cond_dim=cfg.cond_dim,
+                                in_channels=cfg.in_channels)
+    else:
+        net = UNet(cfg)
+    return ConditionalDenoiser(net, cfg.num_classes, cfg.cond_dim)
 
 
 def _rename_old_keys(state: dict[str, Tensor], prefix: str, *args: object) -> None:
@@ -201,7 +210,7 @@ class Diffusion:
         """Noised data x_t ~ q(x_t | x_0) for the given noise and steps."""
         return self.schedule.q_sample(x0, noise, t)
 
-    def loss(self, out: DiffusionOutput, x0: Tensor, xt: Tensor, noise: Tensor, t: Tensor
+    def loss(self, out: NetworkOutput, x0: Tensor, xt: Tensor, noise: Tensor, t: Tensor
              ) -> Tensor:
         """MSE on the predicted noise, plus the VLB term for the learned variance (hybrid)."""
         pred = out.prediction.float()

@@ -9,8 +9,8 @@ import torch
 import yaml
 
 from ddp_diffusion import config
+from ddp_diffusion.diffusion import build_denoiser
 from ddp_diffusion.errors import UserError
-from ddp_diffusion.model import build_denoiser
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -10,8 +10,8 @@ from torch import Tensor
 
 from ddp_diffusion.config import DiffusionConfig, ModelConfig
 from ddp_diffusion.data import MemoryLoader, StepPlan
-from ddp_diffusion.diffusion import DDIMToData, Diffusion, DiffusionOutput, SolverSampler
-from ddp_diffusion.model import build_denoiser
+from ddp_diffusion.diffusion import DDIMToData, Diffusion, SolverSampler, build_denoiser
+from ddp_diffusion.network import NetworkOutput
 from ddp_diffusion.sample import generate
 
 TINY_MODEL = ModelConfig(channels=16, channel_mult=[1, 2], num_res_blocks=1,
@@ -185,10 +185,10 @@ class GaussianDenoiser(torch.nn.Module):
         super().__init__()
         self.alphas_cumprod, self.mu, self.s = alphas_cumprod, mu, s
 
-    def forward(self, x: Tensor, t: Tensor, c: object = None) -> DiffusionOutput:
+    def forward(self, x: Tensor, t: Tensor, c: object = None) -> NetworkOutput:
         a = self.alphas_cumprod[t].view(-1, *[1] * (x.dim() - 1))
         eps = (1 - a).sqrt() * (x - a.sqrt() * self.mu) / (a * self.s ** 2 + 1 - a)
-        return DiffusionOutput(prediction=eps)
+        return NetworkOutput(prediction=eps)
 
 
 def test_ode_samplers_converge_to_the_exact_flow_of_a_gaussian_as_steps_grow() -> None:
@@ -287,7 +287,7 @@ def test_direct_schedule_reads_equal_torchmultimodal_lookups_in_float64() -> Non
     torch.manual_seed(0)
     x0, noise, pred, value = (torch.randn(6, 1, 8, 8, dtype=torch.float64) for _ in range(4))
     t = torch.tensor([0, 1, 17, 50, 98, 99])
-    out = DiffusionOutput(prediction=pred, variance_value=value.sigmoid())
+    out = NetworkOutput(prediction=pred, variance_value=value.sigmoid())
     xt = new.q_sample(x0, noise, t)
     assert torch.equal(xt, old.q_sample(x0, noise, t))
     assert torch.equal(new.loss(out, x0, xt, noise, t), old.loss(out, x0, xt, noise, t))
