@@ -2,6 +2,7 @@
 
 Both are network.Networks: they take (x_t, t, {COND_KEY: class embedding}) and return a
 NetworkOutput with the predicted noise and the learned-variance value used by the hybrid loss.
+Their builders, `seed_unet` and `unet`, are registered in registry.MODELS.
 """
 
 from __future__ import annotations
@@ -286,6 +287,19 @@ class UNet(nn.Module):
             h = self._run(blocks, torch.cat([h, skips.pop()], dim=1), emb, keys)
         pred, var = self.out(h).chunk(2, dim=1)
         return NetworkOutput(prediction=pred, variance_value=var)
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+def seed_unet(cfg: ModelConfig, num_timesteps: int) -> SeedUNet:
+    """The code-along's U-Net, with its time embedding table of num_timesteps rows."""
+    return SeedUNet(num_timesteps, time_dim=32, cond_dim=cfg.cond_dim, in_channels=cfg.in_channels)
+
+
+def unet(cfg: ModelConfig, num_timesteps: int) -> UNet:
+    """Our UNet (its sinusoidal time embedding needs no number of steps)."""
+    return UNet(cfg)
 
 
 # ----------------------------------------------------------------------------- cost

@@ -42,7 +42,8 @@ class Network(Protocol):
     of the inputs only (guided sampling evaluates the conditional and unconditional halves as
     one batch of 2b, and a grid sampled in chunks must equal the one sampled at once); the
     parameters are saved in checkpoints under `cfguidance.model.`, so renaming a layer breaks
-    the loading of earlier runs.
+    the loading of earlier runs. A network is built by a registry.MODELS builder,
+    builder(cfg: ModelConfig, num_timesteps: int).
     """
 
     def __call__(self, x: Tensor, t: Tensor, conditional_inputs: dict[str, Tensor]

@@ -12,6 +12,7 @@ from ddp_diffusion.config import DiffusionConfig, ModelConfig
 from ddp_diffusion.data import MemoryLoader, StepPlan
 from ddp_diffusion.diffusion import DDIMToData, Diffusion, SolverSampler, build_denoiser
 from ddp_diffusion.network import NetworkOutput
+from ddp_diffusion.registry import SAMPLERS
 from ddp_diffusion.sample import generate
 
 TINY_MODEL = ModelConfig(channels=16, channel_mult=[1, 2], num_res_blocks=1,
@@ -164,7 +165,8 @@ def test_dpm_solver_of_first_order_is_ddim_and_agrees_with_the_papers_equations(
     cond = denoiser.condition(torch.tensor([0, 3, 7]))
     torch.manual_seed(2)
     noise = torch.randn(3, 1, 32, 32, dtype=torch.float64)
-    solver = SolverSampler(guided, "dpm++", diffusion.schedule.betas, 10, clamp=True, order=1)
+    solver = SolverSampler(guided, "dpmsolver++", diffusion.schedule.betas, 10, clamp=True,
+                           order=1)
 
     def eps(x: Tensor, t: int) -> Tensor:
         return guided(x, torch.full((len(x),), t), cond).prediction
@@ -210,7 +212,8 @@ def test_ode_samplers_converge_to_the_exact_flow_of_a_gaussian_as_steps_grow() -
             sampler = DDIMToData(model, diffusion.schedule, diffusion.predictor,
                                  eval_steps=eval_steps, progress_bar=False, eta=0.0).eval()
         else:
-            sampler = SolverSampler(model, kind, diffusion.schedule.betas, steps, clamp=False)
+            sampler = SolverSampler(model, SAMPLERS[kind].options["algorithm"],
+                                    diffusion.schedule.betas, steps, clamp=False)
         with torch.no_grad():
             return (sampler(x_t, None) - exact).abs().max().item() / s
 
@@ -232,7 +235,8 @@ def test_the_sde_solver_converges_to_the_gaussian_whose_exact_denoiser_it_is_giv
     model = GaussianDenoiser(diffusion.schedule.alphas_cumprod, mu, s)
 
     def sample(steps: int) -> Tensor:
-        sampler = SolverSampler(model, "sde-dpm++", diffusion.schedule.betas, steps, clamp=False)
+        sampler = SolverSampler(model, "sde-dpmsolver++", diffusion.schedule.betas, steps,
+                                clamp=False)
         torch.manual_seed(0)
         with torch.no_grad():
             return sampler(torch.randn(20000, 1, 1, 1, dtype=torch.float64), None)
