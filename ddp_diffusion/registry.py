@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-def _function(ref: str) -> Callable[..., Any]:
+def resolve(ref: str) -> Callable[..., Any]:
     """The function a "module:function" reference names, its module imported on first use."""
     module, _, name = ref.partition(":")
     return getattr(importlib.import_module(module), name)
@@ -32,34 +32,32 @@ class Entry:
 
     def build(self, *args: Any) -> Any:
         """The builder's result for args (and this entry's options)."""
-        return _function(self.builder)(*args, **self.options)
+        return resolve(self.builder)(*args, **self.options)
 
     def check_settings(self, section: Any) -> None:
         """Run this entry's check on its config section (config.validate, before torch)."""
         if self.check:
-            _function(self.check)(section)
+            resolve(self.check)(section)
 
 
 # builder(cfg: ModelConfig, num_timesteps: int) -> network.Network; check(cfg: ModelConfig)
 MODELS = {
-    "unet": Entry("residual U-Net (ADM-style): FiLM class conditioning, attention, learned "
-                  "variance; sized by channels, channel_mult, num_res_blocks",
+    "unet": Entry("residual U-Net (ADM-style): FiLM conditioning, attention, learned variance",
                   "ddp_diffusion.model:unet", "ddp_diffusion.config:check_unet"),
-    "seed_unet": Entry("the code-along's U-Net, layer for layer (13.6M parameters at 32x32)",
+    "seed_unet": Entry("the code-along's U-Net, layer for layer (13.6M parameters)",
                        "ddp_diffusion.model:seed_unet", "ddp_diffusion.config:check_seed_unet"),
 }
 
 # builder(diffusion: Diffusion, guided: CFGuidance, steps: int, eta: float) -> the sampler, an
 # nn.Module called as sampler(noise, conditional_inputs); steps are checked by config
 SAMPLERS = {
-    "ddpm": Entry("ancestral, with the learned variance, respaced to the steps (improved DDPM)",
+    "ddpm": Entry("ancestral, with the learned variance, respaced (improved DDPM)",
                   "ddp_diffusion.diffusion:ddpm"),
-    "ddim": Entry("deterministic (sample.eta > 0 adds noise), ending on the clamped data estimate",
+    "ddim": Entry("deterministic (sample.eta > 0 adds noise), ends on the clamped x0",
                   "ddp_diffusion.diffusion:ddim"),
     "dpm++": Entry("DPM-Solver++, second-order multistep, deterministic (diffusers)",
                    "ddp_diffusion.diffusion:solver", options={"algorithm": "dpmsolver++"}),
-    "sde-dpm++": Entry("DPM-Solver++ of the reverse SDE, second-order multistep, stochastic "
-                       "(diffusers)",
+    "sde-dpm++": Entry("DPM-Solver++ of the reverse SDE, second order, stochastic (diffusers)",
                        "ddp_diffusion.diffusion:solver", options={"algorithm": "sde-dpmsolver++"}),
     "unipc": Entry("UniPC, second-order predictor-corrector, deterministic (diffusers)",
                    "ddp_diffusion.diffusion:solver", options={"algorithm": "unipc"}),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,8 @@ import pytest
 from conftest import REPO, TINY, cli_env, run_cli
 from PIL import Image
 
+from ddp_diffusion.cli import build_parser
+from ddp_diffusion.registry import DATASETS, MODELS, SAMPLERS
 from ddp_diffusion.sample import parse_classes
 
 
@@ -126,3 +129,14 @@ def test_missing_dataset_error(tmp_path: Path) -> None:
     assert last == (f"error: Fashion-MNIST not found in {tmp_path / 'none'}/FashionMNIST/raw or "
                     f"{tmp_path / 'none'}: install it with 'sudo apt-get install "
                     "dataset-fashion-mnist', or set data.download=true to fetch it")
+
+
+def test_the_sampler_flags_and_train_help_come_from_the_registry() -> None:
+    (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    for command in ("sample", "fid"):
+        (flag,) = [a for a in commands.choices[command]._actions if a.dest == "sampler"]
+        assert list(flag.choices) == list(SAMPLERS), command
+    lines = commands.choices["train"].format_help().splitlines()
+    for table in (MODELS, DATASETS, SAMPLERS):
+        for name, entry in table.items():
+            assert any(line.split(None, 1) == [name, entry.doc] for line in lines), name
