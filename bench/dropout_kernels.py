@@ -34,7 +34,8 @@ from train_throughput import machine  # bench/, beside this file
 
 import ddp_diffusion.model
 from ddp_diffusion import config
-from ddp_diffusion.model import KeyedDropout, build_denoiser
+from ddp_diffusion.diffusion import build_denoiser
+from ddp_diffusion.model import KeyedDropout
 
 REPO = Path(__file__).resolve().parent.parent
 RECOMMENDED = REPO / "configs" / "fashion_mnist.yaml"

@@ -32,7 +32,8 @@ from train_throughput import TIMING, machine, step_seconds, trainer_command  # b
 
 from ddp_diffusion import config, rundir
 from ddp_diffusion.data import StepPlan, StreamLoader
-from ddp_diffusion.model import build_denoiser, forward_gflops
+from ddp_diffusion.diffusion import build_denoiser
+from ddp_diffusion.model import forward_gflops
 from ddp_diffusion.precision import resolve_precision
 from ddp_diffusion.sources import open_source
 

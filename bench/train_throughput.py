@@ -31,8 +31,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ddp_diffusion import config, rundir
-from ddp_diffusion.diffusion import Diffusion
-from ddp_diffusion.model import build_denoiser
+from ddp_diffusion.diffusion import Diffusion, build_denoiser
 
 REPO = Path(__file__).resolve().parent.parent
 SEED = REPO / "configs" / "seed.yaml"

@@ -8,12 +8,10 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import get_args
 
 from ddp_diffusion import submit_options
 from ddp_diffusion.config import (
     DataConfig,
-    Sampler,
     check,
     check_at_least,
     check_fid,
@@ -21,6 +19,7 @@ from ddp_diffusion.config import (
     check_sample,
 )
 from ddp_diffusion.errors import EXIT_INTERRUPTED, DDPDiffusionError
+from ddp_diffusion.registry import DATASETS, MODELS, SAMPLERS, Entry
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -137,6 +136,17 @@ def _fid(args: argparse.Namespace) -> int:
         distributed.shutdown()
 
 
+def registered_choices() -> str:
+    """train --help's list of the registered models, datasets and samplers, with their docs."""
+    tables: tuple[tuple[str, dict[str, Entry]], ...] = (
+        ("model.name", MODELS), ("data.dataset", DATASETS),
+        ("sample.sampler and fid.sampler (the --sampler of sample and fid)", SAMPLERS))
+    width = max(len(name) for _, table in tables for name in table)
+    return "\n".join(f"{key}:\n" + "\n".join(f"  {name:<{width}}  {entry.doc}"
+                                             for name, entry in table.items())
+                     for key, table in tables)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ddp-diffusion",
@@ -144,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train (single process, or under torchrun)",
-                       description="Train. Overrides are dotted keys: train.lr=2e-4 out_dir=runs/x")
+                       description="Train. Overrides are dotted keys: train.lr=2e-4 out_dir=runs/x",
+                       epilog=registered_choices(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config (defaults when omitted)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_train)
@@ -155,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", default="all",
                    help="'all' or names/indices, e.g. sneaker,bag or 7,8 (default: all)")
     p.add_argument("--per-class", type=int, help="images per class (default: config)")
-    p.add_argument("--sampler", choices=get_args(Sampler), help="default: config")
+    p.add_argument("--sampler", choices=list(SAMPLERS), help="default: config")
     p.add_argument("--steps", type=int, help="sampling steps (default: config)")
     p.add_argument("--guidance", type=float, help="CFG scale g: (1+g)*cond - g*uncond")
     p.add_argument("--eta", type=float, help="DDIM eta (default: config)")
@@ -181,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run directory (its out_dir); --run-dir under torchrun")
     p.add_argument("--checkpoint", help="checkpoint file (default: newest in RUN/checkpoints)")
     p.add_argument("--num-samples", type=int, default=10000)
-    p.add_argument("--sampler", choices=get_args(Sampler))
+    p.add_argument("--sampler", choices=list(SAMPLERS))
     p.add_argument("--steps", type=int, help="sampling steps")
     p.add_argument("--guidance", type=float, help="CFG scale g: (1+g)*cond - g*uncond")
     p.add_argument("--eta", type=float, help="DDIM eta (default: config sample.eta)")

@@ -17,15 +17,20 @@ from typing import Any, Literal
 
 import yaml
 
-from ddp_diffusion import files
+from ddp_diffusion import files, registry
 from ddp_diffusion.errors import UserError
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
+# The registered names (registry.py) as Literal types: any other value is refused, naming them.
+ModelName = Literal[tuple(registry.MODELS)]
+DatasetName = Literal[tuple(registry.DATASETS)]
+Sampler = Literal[tuple(registry.SAMPLERS)]
+
 
 @dataclass
 class ModelConfig:
-    name: Literal["unet", "seed_unet"] = "unet"  # seed_unet: the code-along's U-Net, exactly
+    name: ModelName = "unet"  # seed_unet: the code-along's U-Net, exactly
     num_classes: int | None = None  # None: from the data (1 for an unconditional model)
     in_channels: int | None = None  # None: from the data (1 greyscale, 3 RGB)
     image_size: int = 32
@@ -48,7 +53,7 @@ class DiffusionConfig:
 
 @dataclass
 class DataConfig:
-    dataset: Literal["fashion_mnist", "mnist", "cifar10", "image_folder"] = "fashion_mnist"
+    dataset: DatasetName = "fashion_mnist"
     root: str = "data"  # torchvision datasets, FID reference statistics, folder check cache
     path: str | None = None  # image_folder: a folder of class subfolders (or of images)
     download: bool = False
@@ -91,11 +96,6 @@ class TrainConfig:
     num_threads: int = 0  # CPU threads per rank; 0 = cores / local ranks
     profile_steps: int = 0  # torch.profiler over this many steps -> out_dir/profile.txt
     time_limit_minutes: float = 0.0  # save and stop (exit 0) after this long in the loop; 0 = off
-
-
-# ddpm: ancestral, with the learned variance; ddim: deterministic; dpm++, unipc: second-order
-# ODE solvers; sde-dpm++: second-order SDE solver (the last three from diffusers)
-Sampler = Literal["ddpm", "ddim", "dpm++", "sde-dpm++", "unipc"]
 
 
 @dataclass
@@ -428,16 +428,23 @@ def _validate_model(m: ModelConfig) -> None:
         if getattr(m, key) is not None:
             check_at_least(f"model.{key}", getattr(m, key), 1)
     check_at_least("model.cond_dim", m.cond_dim, 1)
-    if m.name == "seed_unet":
-        default = ModelConfig()
-        for key in SEED_UNET_FIXED:
-            check(getattr(m, key) == getattr(default, key),
-                  f"model.{key} has no effect with model.name=seed_unet (the code-along's fixed "
-                  "U-Net); remove it, or use model.name=unet")
-        check(m.image_size >= 8 and m.image_size % 4 == 0,
-              f"model.image_size={m.image_size} must be a multiple of 4 (>= 8): seed_unet halves "
-              "it twice; e.g. 32")
-        return
+    registry.MODELS[m.name].check_settings(m)
+
+
+def check_seed_unet(m: ModelConfig) -> None:
+    """The code-along's U-Net: its fixed layers, two halvings of the image."""
+    default = ModelConfig()
+    for key in SEED_UNET_FIXED:
+        check(getattr(m, key) == getattr(default, key),
+              f"model.{key} has no effect with model.name=seed_unet (the code-along's fixed "
+              "U-Net); remove it, or use model.name=unet")
+    check(m.image_size >= 8 and m.image_size % 4 == 0,
+          f"model.image_size={m.image_size} must be a multiple of 4 (>= 8): seed_unet halves "
+          "it twice; e.g. 32")
+
+
+def check_unet(m: ModelConfig) -> None:
+    """The UNet's levels, attention resolutions and widths (GroupNorm, attention heads)."""
     check(len(m.channel_mult) > 0 and min(m.channel_mult) >= 1,
           f"model.channel_mult={m.channel_mult} must list one or more multipliers >= 1")
     check_at_least("model.num_res_blocks", m.num_res_blocks, 1)
@@ -500,11 +507,18 @@ def _validate_data(d: DataConfig) -> None:
     check_at_least("data.num_workers", d.num_workers, 0)
     check(d.channels in (0, 1, 3), f"data.channels={d.channels} must be 0 (from the images), 1 "
                                    "or 3")
-    if d.dataset == "image_folder":
-        check(bool(d.path), "data.dataset=image_folder needs data.path, the folder of images")
-    else:
-        check(d.path is None, f"data.path has no effect with data.dataset={d.dataset}; remove "
-                              "it, or use data.dataset=image_folder")
+    registry.DATASETS[d.dataset].check_settings(d)
+
+
+def check_image_folder(d: DataConfig) -> None:
+    """A folder of images: data.path names it."""
+    check(bool(d.path), "data.dataset=image_folder needs data.path, the folder of images")
+
+
+def check_no_path(d: DataConfig) -> None:
+    """A dataset that is not a folder of images: data.path is for those."""
+    check(d.path is None, f"data.path has no effect with data.dataset={d.dataset}; remove it, "
+                          "or use data.dataset=image_folder")
 
 
 def validate(cfg: Config) -> None:

@@ -26,14 +26,10 @@ from torchmultimodal.diffusion_labs.schedules.discrete_gaussian_schedule import 
     cosine_beta_schedule,
     linear_beta_schedule,
 )
-from torchmultimodal.diffusion_labs.utils.common import DiffusionOutput
 
-from ddp_diffusion.config import DiffusionConfig
-
-__all__ = ["COND_KEY", "DROPOUT_KEYS", "ConditionalDenoiser", "Diffusion", "DiffusionOutput"]
-
-COND_KEY = "context"  # the conditional-input name the networks read, as in the code-along
-DROPOUT_KEYS = "dropout_keys"  # per-sample keys of the model's dropout masks (training only)
+from ddp_diffusion.config import DiffusionConfig, ModelConfig
+from ddp_diffusion.network import COND_KEY, DROPOUT_KEYS, Network, NetworkOutput
+from ddp_diffusion.registry import MODELS, SAMPLERS
 
 
 def clamp_unit(x: Tensor) -> Tensor:
@@ -96,16 +92,14 @@ class DDIMToData(DDIModule):
         yield self.predictor.predict_x0(self.model(x, t, c).prediction, x, t).to(x.dtype)
 
 
-SOLVERS = {"dpm++": "dpmsolver++", "sde-dpm++": "sde-dpmsolver++", "unipc": "unipc"}
-
-
 class SolverSampler(nn.Module):
     """A multistep solver from diffusers over our noise schedule and guided network, order 2:
-    DPM-Solver++ of the probability-flow ODE (`dpm++`) or of the reverse SDE (`sde-dpm++`, whose
-    noise comes from the global RNG, seeded by the caller), or UniPC. One network evaluation per
-    step, x0 clamped to [-1, 1] at every step as in our DDIM, the last step onto the data."""
+    DPM-Solver++ of the probability-flow ODE (algorithm `dpmsolver++`) or of the reverse SDE
+    (`sde-dpmsolver++`, whose noise comes from the global RNG, seeded by the caller), or UniPC
+    (`unipc`). One network evaluation per step, x0 clamped to [-1, 1] at every step as in our
+    DDIM, the last step onto the data."""
 
-    def __init__(self, model: nn.Module, kind: str, betas: Tensor, steps: int, clamp: bool,
+    def __init__(self, model: nn.Module, algorithm: str, betas: Tensor, steps: int, clamp: bool,
                  order: int = 2) -> None:
         super().__init__()
         import diffusers  # pinned in pyproject.toml; imported here only, lazily: it takes seconds
@@ -116,9 +110,9 @@ class SolverSampler(nn.Module):
                    "timestep_spacing": "linspace", "final_sigmas_type": "zero",
                    # diffusers' dynamic threshold with a ceiling of 1 is the plain clamp
                    "thresholding": clamp, "sample_max_value": 1.0}
-        self.scheduler = (diffusers.UniPCMultistepScheduler(**options) if kind == "unipc" else
-                          diffusers.DPMSolverMultistepScheduler(algorithm_type=SOLVERS[kind],
-                                                                **options))
+        self.scheduler = (diffusers.UniPCMultistepScheduler(**options) if algorithm == "unipc"
+                          else diffusers.DPMSolverMultistepScheduler(algorithm_type=algorithm,
+                                                                     **options))
 
     def forward(self, x: Tensor, conditional_inputs: dict[str, Tensor] | None = None) -> Tensor:
         self.scheduler.set_timesteps(self.steps, device=x.device)  # also resets its history
@@ -137,7 +131,7 @@ class ConditionalDenoiser(nn.Module):
     which labels are dropped does not depend on the world size or on the RNG of a rank.
     """
 
-    def __init__(self, net: nn.Module, num_classes: int, cond_dim: int) -> None:
+    def __init__(self, net: Network, num_classes: int, cond_dim: int) -> None:
         super().__init__()
         self.cond_dim = cond_dim
         self.class_embedding = nn.Embedding(num_classes, cond_dim)
@@ -166,13 +160,22 @@ class ConditionalDenoiser(nn.Module):
         return {COND_KEY: emb}
 
     def forward(self, xt: Tensor, t: Tensor, labels: Tensor, drop: Tensor | None = None,
-                keys: Tensor | None = None) -> DiffusionOutput:
+                keys: Tensor | None = None) -> NetworkOutput:
         """The prediction for x_t; `drop` (label dropout) and `keys` (the per-sample keys of the
         model's dropout masks) come from the data pipeline in training."""
         inputs = self.condition(labels, drop)
         if keys is not None:
             inputs[DROPOUT_KEYS] = keys  # CFGuidance passes inputs it does not guide through
         return self.cfguidance(xt, t, inputs)
+
+
+def build_denoiser(cfg: ModelConfig, num_timesteps: int) -> ConditionalDenoiser:
+    """The configured network (registry.MODELS) inside the class embedding + CFGuidance."""
+    if cfg.num_classes is None or cfg.in_channels is None:
+        raise ValueError("model.num_classes and model.in_channels come from the data: "
+                         "use config.with_data_shape first")
+    return ConditionalDenoiser(MODELS[cfg.name].build(cfg, num_timesteps), cfg.num_classes,
+                               cfg.cond_dim)
 
 
 def _rename_old_keys(state: dict[str, Tensor], prefix: str, *args: object) -> None:
@@ -201,7 +204,7 @@ class Diffusion:
         """Noised data x_t ~ q(x_t | x_0) for the given noise and steps."""
         return self.schedule.q_sample(x0, noise, t)
 
-    def loss(self, out: DiffusionOutput, x0: Tensor, xt: Tensor, noise: Tensor, t: Tensor
+    def loss(self, out: NetworkOutput, x0: Tensor, xt: Tensor, noise: Tensor, t: Tensor
              ) -> Tensor:
         """MSE on the predicted noise, plus the VLB term for the learned variance (hybrid)."""
         pred = out.prediction.float()
@@ -213,23 +216,37 @@ class Diffusion:
         mean, log_variance = self.schedule.q_posterior(x0_pred, xt, t, value)
         return self.hybrid(pred, noise, mean, log_variance, x0, xt, t)
 
+    def eval_steps(self, steps: int) -> Tensor:
+        """`steps` diffusion steps evenly spread over the schedule, for respaced sampling."""
+        return torch.linspace(0, self.cfg.steps - 1, steps).round().long().unique()
+
     def sampler(self, denoiser: ConditionalDenoiser, kind: str, steps: int, guidance: float,
                 eta: float = 0.0) -> nn.Module:
-        """A sampler with CFG scale g, in eval mode: torchmultimodal's DDPM (respaced, with the
-        learned variance), DDIM, or one of diffusers' solvers (SolverSampler)."""
-        if not 1 <= steps <= self.cfg.steps:
-            raise ValueError(f"sampling steps must be in 1..{self.cfg.steps}, got {steps}")
-        guided = denoiser.guided(guidance)
-        eval_steps = torch.linspace(0, self.cfg.steps - 1, steps).round().long().unique()
-        if kind == "ddpm":
-            module: nn.Module = DDPModule(guided, self.schedule, self.predictor,
-                                          eval_steps=eval_steps, progress_bar=False)
-        elif kind == "ddim":
-            module = DDIMToData(guided, self.schedule, self.predictor,
-                                eval_steps=eval_steps, progress_bar=False, eta=eta)
-        elif kind in SOLVERS:
-            module = SolverSampler(guided, kind, self.schedule.betas, steps, self.cfg.clamp_x0)
-        else:
-            raise ValueError(f"unknown sampler {kind!r}; use ddpm, ddim, {', '.join(SOLVERS)}")
+        """Sampler `kind` (registry.SAMPLERS) with CFG scale g, in eval mode. The steps are
+        checked by config (check_sample, check_fid), as every caller's settings are."""
+        module = SAMPLERS[kind].build(self, denoiser.guided(guidance), steps, eta)
         device = next(denoiser.parameters()).device
         return module.to(device).eval()
+
+
+# ----------------------------------------------------------------------------- samplers
+# registry.SAMPLERS' builders: builder(diffusion, guided network, steps, eta) -> nn.Module
+
+
+def ddpm(diffusion: Diffusion, guided: CFGuidance, steps: int, eta: float) -> DDPModule:
+    """torchmultimodal's DDPM, respaced to `steps`, with the learned variance."""
+    return DDPModule(guided, diffusion.schedule, diffusion.predictor,
+                     eval_steps=diffusion.eval_steps(steps), progress_bar=False)
+
+
+def ddim(diffusion: Diffusion, guided: CFGuidance, steps: int, eta: float) -> DDIMToData:
+    """DDIM (eta = 0: deterministic), ending on the data."""
+    return DDIMToData(guided, diffusion.schedule, diffusion.predictor,
+                      eval_steps=diffusion.eval_steps(steps), progress_bar=False, eta=eta)
+
+
+def solver(diffusion: Diffusion, guided: CFGuidance, steps: int, eta: float,
+           algorithm: str) -> SolverSampler:
+    """One of diffusers' solvers (SolverSampler's `algorithm`)."""
+    return SolverSampler(guided, algorithm, diffusion.schedule.betas, steps,
+                         diffusion.cfg.clamp_x0)

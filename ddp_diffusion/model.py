@@ -1,7 +1,8 @@
 """Noise-prediction networks: the code-along's SeedUNet and our modern UNet.
 
-Both take (x_t, t, {COND_KEY: class embedding}) and return a DiffusionOutput with the predicted
-noise and the learned-variance interpolation value used by the hybrid loss.
+Both are network.Networks: they take (x_t, t, {COND_KEY: class embedding}) and return a
+NetworkOutput with the predicted noise and the learned-variance value used by the hybrid loss.
+Their builders, `seed_unet` and `unet`, are registered in registry.MODELS.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ddp_diffusion.config import ModelConfig
-from ddp_diffusion.diffusion import COND_KEY, DROPOUT_KEYS, ConditionalDenoiser, DiffusionOutput
+from ddp_diffusion.network import COND_KEY, DROPOUT_KEYS, NetworkOutput
 
 # ----------------------------------------------------------------------------- SeedUNet
 
@@ -68,7 +69,7 @@ class SeedUNet(nn.Module):
         self.variance = nn.Conv2d(128, in_channels, 3, padding=1)
 
     def forward(self, x: Tensor, t: Tensor, conditional_inputs: dict[str, Tensor]
-                ) -> DiffusionOutput:
+                ) -> NetworkOutput:
         b = x.shape[0]
         cond = torch.cat([self.time_embedding(t).view(b, -1, 1, 1),
                           conditional_inputs[COND_KEY].view(b, -1, 1, 1)], dim=1).to(x.dtype)
@@ -80,7 +81,7 @@ class SeedUNet(nn.Module):
         x, _ = self.bottleneck(x, cond)  # the bottleneck uses its full-resolution output
         for block in self.up:
             x = block(skips.pop(), x)
-        return DiffusionOutput(prediction=self.prediction(x), variance_value=self.variance(x))
+        return NetworkOutput(prediction=self.prediction(x), variance_value=self.variance(x))
 
 
 # ----------------------------------------------------------------------------- UNet
@@ -272,7 +273,7 @@ class UNet(nn.Module):
         return h
 
     def forward(self, x: Tensor, t: Tensor, conditional_inputs: dict[str, Tensor]
-                ) -> DiffusionOutput:
+                ) -> NetworkOutput:
         emb = self.time_mlp(timestep_embedding(t, self.channels).to(x.dtype))
         emb = F.silu(emb + self.cond_proj(conditional_inputs[COND_KEY].to(x.dtype)))
         keys = conditional_inputs.get(DROPOUT_KEYS)
@@ -285,23 +286,23 @@ class UNet(nn.Module):
         for blocks in self.up:
             h = self._run(blocks, torch.cat([h, skips.pop()], dim=1), emb, keys)
         pred, var = self.out(h).chunk(2, dim=1)
-        return DiffusionOutput(prediction=pred, variance_value=var)
+        return NetworkOutput(prediction=pred, variance_value=var)
 
 
 # ----------------------------------------------------------------------------- builders
 
 
-def build_denoiser(cfg: ModelConfig, num_timesteps: int) -> ConditionalDenoiser:
-    """The configured network inside the class embedding + CFGuidance wrapper."""
-    if cfg.num_classes is None or cfg.in_channels is None:
-        raise ValueError("model.num_classes and model.in_channels come from the data: "
-                         "use config.with_data_shape first")
-    if cfg.name == "seed_unet":
-        net: nn.Module = SeedUNet(num_timesteps, time_dim=32, cond_dim=cfg.cond_dim,
-                                  in_channels=cfg.in_channels)
-    else:
-        net = UNet(cfg)
-    return ConditionalDenoiser(net, cfg.num_classes, cfg.cond_dim)
+def seed_unet(cfg: ModelConfig, num_timesteps: int) -> SeedUNet:
+    """The code-along's U-Net, with its time embedding table of num_timesteps rows."""
+    return SeedUNet(num_timesteps, time_dim=32, cond_dim=cfg.cond_dim, in_channels=cfg.in_channels)
+
+
+def unet(cfg: ModelConfig, num_timesteps: int) -> UNet:
+    """Our UNet (its sinusoidal time embedding needs no number of steps)."""
+    return UNet(cfg)
+
+
+# ----------------------------------------------------------------------------- cost
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -309,10 +310,11 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _meta_forward(denoiser: ConditionalDenoiser, image_size: int, channels: int,
-                  batch: int = 1) -> None:
-    """One forward of `batch` images on the meta device (shapes only, the module's tensors
-    swapped for meta ones): nothing is computed or allocated, so any size takes milliseconds."""
+def _meta_forward(denoiser: nn.Module, image_size: int, channels: int, batch: int = 1) -> None:
+    """One forward of `batch` images through a denoiser (a diffusion.ConditionalDenoiser, called
+    with images, steps, labels and dropout keys) on the meta device (shapes only, the module's
+    tensors swapped for meta ones): nothing is computed or allocated, so any size takes
+    milliseconds."""
     meta = {name: torch.empty_like(t, device="meta").requires_grad_(t.requires_grad)
             for name, t in itertools.chain(denoiser.named_parameters(), denoiser.named_buffers())}
     x = torch.zeros(batch, channels, image_size, image_size, device="meta")
@@ -320,7 +322,7 @@ def _meta_forward(denoiser: ConditionalDenoiser, image_size: int, channels: int,
     torch.func.functional_call(denoiser, meta, (x, index, index), {"keys": index})
 
 
-def forward_gflops(denoiser: ConditionalDenoiser, image_size: int, channels: int = 1) -> float:
+def forward_gflops(denoiser: nn.Module, image_size: int, channels: int = 1) -> float:
     """Forward GFLOP per image (multiply-add = 2 FLOPs), counted with torch's FlopCounterMode
     on a meta forward."""
     counter = FlopCounterMode(display=False)
@@ -329,7 +331,7 @@ def forward_gflops(denoiser: ConditionalDenoiser, image_size: int, channels: int
     return counter.get_total_flops() / 1e9
 
 
-def activation_bytes(denoiser: ConditionalDenoiser, image_size: int, channels: int) -> int:
+def activation_bytes(denoiser: nn.Module, image_size: int, channels: int) -> int:
     """Bytes (fp32) of the tensors autograd keeps from one image's forward for its backward:
     what training memory grows by per image of a micro-batch. From meta forwards of 1 and 2
     images, whose difference leaves out what does not grow with the batch (weights)."""

@@ -10,9 +10,8 @@ import torch
 
 from ddp_diffusion import checkpoint, rundir
 from ddp_diffusion.config import Config, from_dict
-from ddp_diffusion.diffusion import ConditionalDenoiser, Diffusion
+from ddp_diffusion.diffusion import ConditionalDenoiser, Diffusion, build_denoiser
 from ddp_diffusion.errors import CheckpointError, UserError
-from ddp_diffusion.model import build_denoiser
 from ddp_diffusion.sources import CLASS_NAMES
 
 

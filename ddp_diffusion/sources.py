@@ -3,7 +3,8 @@
 A `Source` knows its images' labels, class names and channels, reads image i as uint8
 (C, S, S) at the model's size S, and describes itself for the checkpoint (dataset, path,
 number of images, fingerprint), so a run never resumes on other data. The loaders in data.py
-turn a source into batches; this module does no randomness.
+turn a source into batches; this module does no randomness. Each data.dataset is opened by its
+builder here (fashion_mnist, mnist, cifar10, image_folder), registered in registry.DATASETS.
 
 Image folders: one subfolder per class (labels from the sorted folder names), or images
 directly in the folder for an unconditional model. Every image is decoded once before training
@@ -33,6 +34,7 @@ from torchvision.datasets import CIFAR10, MNIST, FashionMNIST
 from ddp_diffusion import files
 from ddp_diffusion.config import DataConfig
 from ddp_diffusion.errors import UserError, WriteFailed
+from ddp_diffusion.registry import DATASETS
 from ddp_diffusion.signals import loader_worker_init
 
 log = logging.getLogger("ddp_diffusion")
@@ -432,44 +434,70 @@ def open_folder(dc: DataConfig, image_size: int, num_workers: int) -> FolderSour
     return FolderSource(images, labels, names, channels, image_size, path, fingerprint, content)
 
 
-def _torchvision(dc: DataConfig, image_size: int, train: bool = True) -> ArraySource:
-    """Fashion-MNIST, MNIST or CIFAR-10 through torchvision, from data.root (or downloaded)."""
-    root = Path(dc.root)
-    if dc.dataset == "fashion_mnist":
-        images, labels = load_split(root, train, dc.debian_dir, dc.download)
-        names = CLASS_NAMES
-    else:
-        cls, where, files = {
-            "mnist": (MNIST, root / "MNIST" / "raw", "train-images-idx3-ubyte(.gz) and the "
-                                                     "other three IDX files"),
-            "cifar10": (CIFAR10, root / "cifar-10-batches-py", "the CIFAR-10 python batches"),
-        }[dc.dataset]
-        try:
-            ds = cls(str(root), train=train, download=False)
-        except RuntimeError:  # torchvision: "Dataset not found or corrupted"
-            if not dc.download:
-                raise UserError(f"{dc.dataset} not found in {where}: put {files} there, or set "
-                                "data.download=true to fetch it") from None
-            ds = _download(lambda: cls(str(root), train=train, download=True), dc.dataset, where)
-        data = ds.data if isinstance(ds.data, Tensor) else torch.from_numpy(ds.data)
-        images = data.permute(0, 3, 1, 2).contiguous() if data.dim() == 4 else data
-        labels = torch.as_tensor(ds.targets, dtype=torch.long)
-        names = tuple(ds.classes)
+def _array_source(dc: DataConfig, images: Tensor, labels: Tensor, names: tuple[str, ...],
+                  image_size: int, train: bool) -> ArraySource:
+    """A split held in memory as the configured source (one class if not class-conditional)."""
     if not dc.class_conditional:
         labels, names = torch.zeros_like(labels), UNCONDITIONAL
-    return ArraySource(dc.dataset, images, labels, names, image_size,
-                       str(root) if train else f"{root} (test)")
+    root = Path(dc.root)
+    source = ArraySource(dc.dataset, images, labels, names, image_size,
+                         str(root) if train else f"{root} (test)")
+    if dc.channels and dc.channels != source.channels:
+        raise UserError(f"data.channels={dc.channels} but {dc.dataset} has {source.channels} "
+                        "channel(s): remove data.channels")
+    return source
+
+
+def _torchvision(dc: DataConfig, cls: type, folder: str, files: str, image_size: int,
+                 train: bool) -> ArraySource:
+    """A torchvision dataset from data.root/folder (or downloaded); `files` says what to put
+    there by hand."""
+    root = Path(dc.root)
+    try:
+        ds = cls(str(root), train=train, download=False)
+    except RuntimeError:  # torchvision: "Dataset not found or corrupted"
+        if not dc.download:
+            raise UserError(f"{dc.dataset} not found in {root / folder}: put {files} there, or "
+                            "set data.download=true to fetch it") from None
+        ds = _download(lambda: cls(str(root), train=train, download=True), dc.dataset,
+                       root / folder)
+    data = ds.data if isinstance(ds.data, Tensor) else torch.from_numpy(ds.data)
+    images = data.permute(0, 3, 1, 2).contiguous() if data.dim() == 4 else data
+    return _array_source(dc, images, torch.as_tensor(ds.targets, dtype=torch.long),
+                         tuple(ds.classes), image_size, train)
+
+
+# registry.DATASETS' builders: builder(data config, image size, decoding workers, train split)
+
+
+def fashion_mnist(dc: DataConfig, image_size: int, num_workers: int, train: bool
+                  ) -> ArraySource:
+    """Fashion-MNIST from data.root, prepared from Debian's package or downloaded if need be."""
+    images, labels = load_split(dc.root, train, dc.debian_dir, dc.download)
+    return _array_source(dc, images, labels, CLASS_NAMES, image_size, train)
+
+
+def mnist(dc: DataConfig, image_size: int, num_workers: int, train: bool) -> ArraySource:
+    """MNIST through torchvision."""
+    return _torchvision(dc, MNIST, "MNIST/raw", "train-images-idx3-ubyte(.gz) and the other "
+                                                "three IDX files", image_size, train)
+
+
+def cifar10(dc: DataConfig, image_size: int, num_workers: int, train: bool) -> ArraySource:
+    """CIFAR-10 through torchvision."""
+    return _torchvision(dc, CIFAR10, "cifar-10-batches-py", "the CIFAR-10 python batches",
+                        image_size, train)
+
+
+def image_folder(dc: DataConfig, image_size: int, num_workers: int, train: bool
+                 ) -> FolderSource:
+    """data.path's images (open_folder); there is no test split."""
+    if not train:
+        raise UserError("an image folder has no test split: use --reference train")
+    return open_folder(dc, image_size, num_workers)
 
 
 def open_source(dc: DataConfig, image_size: int, num_workers: int = 0,
                 train: bool = True) -> Source:
     """The configured training set (train=False: the test split of a torchvision dataset)."""
-    if dc.dataset == "image_folder":
-        if not train:
-            raise UserError("an image folder has no test split: use --reference train")
-        return open_folder(dc, image_size, num_workers)
-    source = _torchvision(dc, image_size, train)
-    if dc.channels and dc.channels != source.channels:
-        raise UserError(f"data.channels={dc.channels} but {dc.dataset} has {source.channels} "
-                        "channel(s): remove data.channels")
-    return source
+    return DATASETS[dc.dataset].build(dc, image_size, num_workers, train)

@@ -33,7 +33,7 @@ from ddp_diffusion import checkpoint, config, distributed, files, rundir, signal
 from ddp_diffusion.checkpoint import CheckpointManager, Part, ResumePlan
 from ddp_diffusion.config import Config, TrainConfig, check_batch
 from ddp_diffusion.data import Batch, check_fits, make_loader
-from ddp_diffusion.diffusion import Diffusion
+from ddp_diffusion.diffusion import Diffusion, build_denoiser
 from ddp_diffusion.distributed import DistEnv
 from ddp_diffusion.ema import EMA, ema_beta
 from ddp_diffusion.errors import (
@@ -44,12 +44,7 @@ from ddp_diffusion.errors import (
     UserError,
     WriteFailed,
 )
-from ddp_diffusion.model import (
-    activation_bytes,
-    build_denoiser,
-    count_parameters,
-    forward_gflops,
-)
+from ddp_diffusion.model import activation_bytes, count_parameters, forward_gflops
 from ddp_diffusion.nonfinite import NonFiniteSteps
 from ddp_diffusion.precision import autocast, bf16_is_fast, resolve_precision
 from ddp_diffusion.sample import generate, save_grid

@@ -15,7 +15,8 @@ from PIL import Image
 
 from ddp_diffusion import checkpoint
 from ddp_diffusion.config import ModelConfig
-from ddp_diffusion.model import build_denoiser, forward_gflops
+from ddp_diffusion.diffusion import build_denoiser
+from ddp_diffusion.model import forward_gflops
 from ddp_diffusion.runs import load_run
 
 sys.path.insert(0, str(REPO / "bench"))

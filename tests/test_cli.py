@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from conftest import REPO, TINY, cli_env, run_cli
 from PIL import Image
 
 from ddp_diffusion.cli import build_parser
+from ddp_diffusion.registry import DATASETS, MODELS, SAMPLERS
 from ddp_diffusion.sample import parse_classes
 from ddp_diffusion.submit_options import SubmitOptions, from_args
 
@@ -156,3 +158,12 @@ def test_the_parser_is_built_without_torch_or_submitit() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=cli_env(), cwd=REPO, check=True)
     assert proc.stdout.strip() == "[]"
+def test_the_sampler_flags_and_train_help_come_from_the_registry() -> None:
+    (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    for command in ("sample", "fid"):
+        (flag,) = [a for a in commands.choices[command]._actions if a.dest == "sampler"]
+        assert list(flag.choices) == list(SAMPLERS), command
+    lines = commands.choices["train"].format_help().splitlines()
+    for table in (MODELS, DATASETS, SAMPLERS):
+        for name, entry in table.items():
+            assert any(line.split(None, 1) == [name, entry.doc] for line in lines), name

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from ddp_diffusion import config
+from ddp_diffusion import config, registry
+from ddp_diffusion.diffusion import build_denoiser
 from ddp_diffusion.errors import UserError
-from ddp_diffusion.model import build_denoiser
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -78,3 +80,31 @@ def test_shipped_configs_set_only_real_keys_and_build_their_model(path: Path) ->
         out = model(x, torch.tensor([0, cfg.diffusion.steps - 1]), torch.tensor([0, 9]),
                     keys=torch.tensor([1, 2]))  # training mode: dropout draws from the keys
     assert out.prediction.shape == x.shape and out.variance_value.shape == x.shape
+
+
+@pytest.mark.parametrize(("key", "table"), [
+    ("model.name", registry.MODELS), ("data.dataset", registry.DATASETS),
+    ("sample.sampler", registry.SAMPLERS), ("fid.sampler", registry.SAMPLERS),
+])
+def test_the_choices_are_the_registered_names(key: str, table: dict[str, registry.Entry]) -> None:
+    for name in table:
+        config.set_key(config.Config(), key, name)  # accepted
+    with pytest.raises(UserError) as e:
+        config.load(None, [f"{key}=nope"])
+    assert str(e.value) == f"config key '{key}' must be one of {', '.join(table)}; got 'nope'"
+
+
+def test_every_registered_builder_and_check_exists() -> None:
+    """The registry names them as text (so that it imports no torch): a typo fails here."""
+    for table in (registry.MODELS, registry.SAMPLERS, registry.DATASETS):
+        for name, entry in table.items():
+            for ref in filter(None, (entry.builder, entry.check)):
+                assert callable(registry.resolve(ref)), (name, ref)
+
+
+def test_config_and_the_command_line_load_and_validate_without_torch() -> None:
+    """`train` checks its config before importing torch (seconds): the registry must keep it."""
+    code = ("import sys; from ddp_diffusion import cli, config; cli.build_parser(); "
+            "config.load(None, ['model.name=seed_unet', 'data.dataset=mnist']); "
+            "sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0

@@ -10,8 +10,9 @@ from torch import Tensor
 
 from ddp_diffusion.config import DiffusionConfig, ModelConfig
 from ddp_diffusion.data import MemoryLoader, StepPlan
-from ddp_diffusion.diffusion import DDIMToData, Diffusion, DiffusionOutput, SolverSampler
-from ddp_diffusion.model import build_denoiser
+from ddp_diffusion.diffusion import DDIMToData, Diffusion, SolverSampler, build_denoiser
+from ddp_diffusion.network import NetworkOutput
+from ddp_diffusion.registry import SAMPLERS
 from ddp_diffusion.sample import generate
 
 TINY_MODEL = ModelConfig(channels=16, channel_mult=[1, 2], num_res_blocks=1,
@@ -164,7 +165,8 @@ def test_dpm_solver_of_first_order_is_ddim_and_agrees_with_the_papers_equations(
     cond = denoiser.condition(torch.tensor([0, 3, 7]))
     torch.manual_seed(2)
     noise = torch.randn(3, 1, 32, 32, dtype=torch.float64)
-    solver = SolverSampler(guided, "dpm++", diffusion.schedule.betas, 10, clamp=True, order=1)
+    solver = SolverSampler(guided, "dpmsolver++", diffusion.schedule.betas, 10, clamp=True,
+                           order=1)
 
     def eps(x: Tensor, t: int) -> Tensor:
         return guided(x, torch.full((len(x),), t), cond).prediction
@@ -185,10 +187,10 @@ class GaussianDenoiser(torch.nn.Module):
         super().__init__()
         self.alphas_cumprod, self.mu, self.s = alphas_cumprod, mu, s
 
-    def forward(self, x: Tensor, t: Tensor, c: object = None) -> DiffusionOutput:
+    def forward(self, x: Tensor, t: Tensor, c: object = None) -> NetworkOutput:
         a = self.alphas_cumprod[t].view(-1, *[1] * (x.dim() - 1))
         eps = (1 - a).sqrt() * (x - a.sqrt() * self.mu) / (a * self.s ** 2 + 1 - a)
-        return DiffusionOutput(prediction=eps)
+        return NetworkOutput(prediction=eps)
 
 
 def test_ode_samplers_converge_to_the_exact_flow_of_a_gaussian_as_steps_grow() -> None:
@@ -210,7 +212,8 @@ def test_ode_samplers_converge_to_the_exact_flow_of_a_gaussian_as_steps_grow() -
             sampler = DDIMToData(model, diffusion.schedule, diffusion.predictor,
                                  eval_steps=eval_steps, progress_bar=False, eta=0.0).eval()
         else:
-            sampler = SolverSampler(model, kind, diffusion.schedule.betas, steps, clamp=False)
+            sampler = SolverSampler(model, SAMPLERS[kind].options["algorithm"],
+                                    diffusion.schedule.betas, steps, clamp=False)
         with torch.no_grad():
             return (sampler(x_t, None) - exact).abs().max().item() / s
 
@@ -232,7 +235,8 @@ def test_the_sde_solver_converges_to_the_gaussian_whose_exact_denoiser_it_is_giv
     model = GaussianDenoiser(diffusion.schedule.alphas_cumprod, mu, s)
 
     def sample(steps: int) -> Tensor:
-        sampler = SolverSampler(model, "sde-dpm++", diffusion.schedule.betas, steps, clamp=False)
+        sampler = SolverSampler(model, "sde-dpmsolver++", diffusion.schedule.betas, steps,
+                                clamp=False)
         torch.manual_seed(0)
         with torch.no_grad():
             return sampler(torch.randn(20000, 1, 1, 1, dtype=torch.float64), None)
@@ -287,7 +291,7 @@ def test_direct_schedule_reads_equal_torchmultimodal_lookups_in_float64() -> Non
     torch.manual_seed(0)
     x0, noise, pred, value = (torch.randn(6, 1, 8, 8, dtype=torch.float64) for _ in range(4))
     t = torch.tensor([0, 1, 17, 50, 98, 99])
-    out = DiffusionOutput(prediction=pred, variance_value=value.sigmoid())
+    out = NetworkOutput(prediction=pred, variance_value=value.sigmoid())
     xt = new.q_sample(x0, noise, t)
     assert torch.equal(xt, old.q_sample(x0, noise, t))
     assert torch.equal(new.loss(out, x0, xt, noise, t), old.loss(out, x0, xt, noise, t))

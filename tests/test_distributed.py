@@ -12,7 +12,7 @@ from conftest import TINY, final_state, max_weight_diff, run_cli, run_torchrun
 
 from ddp_diffusion import distributed
 from ddp_diffusion.config import from_dict
-from ddp_diffusion.model import build_denoiser
+from ddp_diffusion.diffusion import build_denoiser
 
 # Two ranks average their gradients with an all-reduce while one process averages over the
 # whole batch in one reduction: the same math in a different summation order, so fp32 results

@@ -14,11 +14,11 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ddp_diffusion.config import ModelConfig
+from ddp_diffusion.diffusion import build_denoiser
 from ddp_diffusion.model import (
     KeyedDropout,
     SeedUNet,
     UNet,
-    build_denoiser,
     count_parameters,
     forward_gflops,
     lowbias32,

@@ -16,7 +16,8 @@ from conftest import REPO, TINY, assert_same_run, cli_env, run_cli, run_torchrun
 
 from ddp_diffusion import checkpoint
 from ddp_diffusion.config import ModelConfig
-from ddp_diffusion.model import build_denoiser, forward_gflops
+from ddp_diffusion.diffusion import build_denoiser
+from ddp_diffusion.model import forward_gflops
 from ddp_diffusion.train import apply_update
 from ddp_diffusion.utilisation import table_peak_tflops
 

@@ -15,8 +15,7 @@ from PIL import Image
 from ddp_diffusion import checkpoint
 from ddp_diffusion.config import DiffusionConfig, ModelConfig, TrainConfig
 from ddp_diffusion.data import Batch
-from ddp_diffusion.diffusion import Diffusion
-from ddp_diffusion.model import build_denoiser
+from ddp_diffusion.diffusion import Diffusion, build_denoiser
 from ddp_diffusion.train import train_step
 
 
