@@ -6,16 +6,14 @@ import itertools
 from collections.abc import Callable
 
 import torch
+from conftest import TINY_MODEL
 from torch import Tensor
 
-from ddp_diffusion.config import DiffusionConfig, ModelConfig
+from ddp_diffusion.config import DiffusionConfig
 from ddp_diffusion.data import MemoryLoader, StepPlan
 from ddp_diffusion.diffusion import DDIMToData, Diffusion, DiffusionOutput, SolverSampler
 from ddp_diffusion.model import build_denoiser
 from ddp_diffusion.sample import generate
-
-TINY_MODEL = ModelConfig(channels=16, channel_mult=[1, 2], num_res_blocks=1,
-                         attention_resolutions=[], num_classes=10, in_channels=1)
 
 
 def _denoiser(steps: int = 100, randomize: bool = False) -> torch.nn.Module:
