@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ddp_diffusion.config import DiffusionConfig
 from ddp_diffusion.data import MemoryLoader, StepPlan
-from ddp_diffusion.diffusion import DDIMToData, Diffusion, DiffusionOutput, SolverSampler
+from ddp_diffusion.diffusion import Diffusion, DiffusionOutput, SolverSampler
 from ddp_diffusion.model import build_denoiser
 from ddp_diffusion.sample import generate
 
@@ -149,23 +149,29 @@ def reference_ddim(eps: Callable[[Tensor, int], Tensor], alphas_cumprod: Tensor,
 def test_ddim_matches_the_papers_equations_step_for_step_and_evaluation_for_evaluation() -> None:
     diffusion = Diffusion(DiffusionConfig(steps=100))
     denoiser = _denoiser(randomize=True).double().eval()  # float64: the two differ in rounding
-    guided = denoiser.guided(2.0).eval()  # a new module: in eval mode it guides
-    cond = denoiser.condition(torch.tensor([0, 3, 7]))
-    calls = []
-    denoiser.cfguidance.model.register_forward_hook(lambda *_: calls.append(1))
+    net, labels, g = denoiser.cfguidance.model, torch.tensor([0, 3, 7]), 2.0
+    cond = denoiser.condition(labels)
+    uncond = denoiser.condition(labels, drop=torch.ones(3, dtype=torch.bool))
+    evaluated: list[Tensor] = []  # the steps of each call of the net
+    hook = net.register_forward_hook(lambda _, args, __: evaluated.append(args[1]))
     torch.manual_seed(2)
     noise = torch.randn(3, 1, 32, 32, dtype=torch.float64)
 
-    def eps(x: Tensor, t: int) -> Tensor:
-        return guided(x, torch.full((len(x),), t), cond).prediction
+    def eps(x: Tensor, t: int) -> Tensor:  # classifier-free guidance, by its definition
+        steps = torch.full((len(x),), t)
+        return (1 + g) * net(x, steps, cond).prediction - g * net(x, steps, uncond).prediction
 
     with torch.no_grad():
-        ours = diffusion.sampler(denoiser, "ddim", 10, guidance=2.0)(noise, conditional_inputs=cond)
-        evaluations = len(calls)
-        timesteps = torch.linspace(0, 99, 10).round().long().flip(0).tolist()
+        ours = diffusion.sampler(denoiser, "ddim", 10, guidance=g)(noise, conditional_inputs=cond)
+        hook.remove()
+        # CFG batches the conditional and unconditional branch: one call per evaluation, and
+        # both halves of the batch at the same step.
+        assert len(evaluated) == 10 and all(len(t.unique()) == 1 for t in evaluated)
+        timesteps = [t[0].item() for t in evaluated]
         expected = reference_ddim(eps, diffusion.schedule.alphas_cumprod, timesteps, noise)
-    # CFG batches the conditional and unconditional branch: one call of the net per evaluation.
-    assert evaluations == 10
+    # 10 of the 100 steps, from pure noise (99) down to the data's (0), evenly: gaps of 11 or 12
+    assert timesteps[0] == 99 and timesteps[-1] == 0
+    assert {a - b for a, b in itertools.pairwise(timesteps)} <= {11, 12}
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-9)
     assert ours.abs().max() <= 1  # it ends on the clamped data estimate, not on x at t=0
 
@@ -219,13 +225,11 @@ def test_ode_samplers_converge_to_the_exact_flow_of_a_gaussian_as_steps_grow() -
     a_t = ac[-1]
     exact = mu + s * (x_t - a_t.sqrt() * mu) / (a_t * s ** 2 + 1 - a_t).sqrt()
 
+    stand_in = _denoiser(1000)  # the network Diffusion.sampler wraps, swapped out below
+
     def error(kind: str, steps: int) -> float:
-        if kind == "ddim":
-            eval_steps = torch.linspace(0, 999, steps).round().long()
-            sampler = DDIMToData(model, diffusion.schedule, diffusion.predictor,
-                                 eval_steps=eval_steps, progress_bar=False, eta=0.0).eval()
-        else:
-            sampler = SolverSampler(model, kind, diffusion.schedule.betas, steps, clamp=False)
+        sampler = diffusion.sampler(stand_in, kind, steps, guidance=0.0)
+        sampler.model = model  # the sampler a run builds, evaluating the exact denoiser
         with torch.no_grad():
             return (sampler(x_t, None) - exact).abs().max().item() / s
 
