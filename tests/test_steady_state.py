@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, assert_same_run, cli_env, run_cli, run_torchrun, wait_for_step
+from conftest import REPO, TINY, assert_same_run, cli_env, run_cli, run_torchrun
 
 from ddp_diffusion import checkpoint
 from ddp_diffusion.config import ModelConfig
@@ -131,21 +130,43 @@ def test_non_finite_steps_are_reported_at_sync_points_exactly_as_a_per_step_chec
     assert nonfinite_report(delayed.stderr) == report
 
 
+# The trainer, sending itself SIGTERM right after the step given as the first argument: a real
+# signal at a known step, where one from outside lands wherever the trainer happens to be.
+SIGNAL_AFTER_STEP = """
+import os, signal, sys
+from ddp_diffusion import cli, train
+
+one_step = train.Trainer.train_one_step
+
+def one_step_then_signal(self):
+    out = one_step(self)
+    if self.progress.step == int(sys.argv[1]):
+        os.kill(os.getpid(), signal.SIGTERM)
+    return out
+
+train.Trainer.train_one_step = one_step_then_signal
+raise SystemExit(cli.main(sys.argv[2:]))
+"""
+
+
 def test_a_stop_signal_is_honoured_at_the_next_sync_point_and_resumes_exactly(
         tiny_data: Path, tmp_path: Path) -> None:
     cosine = ("train.lr_schedule=cosine", "train.min_lr_ratio=0.1", "train.ckpt_every=1000")
-    # The reference reads back every step; the stopped run only every 4 steps and logs every 3.
+    # The reference reads back every step; the stopped runs only every 4 steps and log every 3:
+    # their sync points are 3, 4, 6, 8, 9, 12, ... Steps 5 and 7 are none, so a signal that
+    # lands in them is read at the next step, a log step (6) or a sync_every step (8).
     run_cli(*args(tiny_data, tmp_path / "straight", 24, *cosine, "train.sync_every=1",
                   "train.log_every=1"))
-    out = tmp_path / "stopped"
-    sparse = args(tiny_data, out, 24, *cosine, "train.sync_every=4", "train.log_every=3")
-    proc = subprocess.Popen([sys.executable, "-m", "ddp_diffusion", *sparse], cwd=REPO,
-                            env=cli_env(), stderr=subprocess.PIPE, text=True)
-    wait_for_step(out / "metrics.jsonl", 3, proc)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 75, err[-3000:]
-    (stopped_at, _), = checkpoint.list_checkpoints(out / "checkpoints")
-    assert 3 < stopped_at < 24 and (stopped_at % 4 == 0 or stopped_at % 3 == 0)  # a sync point
-    run_cli(*sparse)
+    for signalled_after, sync_point in ((5, 6), (7, 8)):
+        out = tmp_path / f"stopped-{signalled_after}"
+        sparse = args(tiny_data, out, 24, *cosine, "train.sync_every=4", "train.log_every=3")
+        proc = subprocess.run([sys.executable, "-c", SIGNAL_AFTER_STEP, str(signalled_after),
+                               *sparse], cwd=REPO, env=cli_env(), capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 75, proc.stderr[-3000:]
+        assert (f"stopped by SIGTERM at step {sync_point} after saving a checkpoint"
+                in proc.stderr), proc.stderr[-3000:]
+        assert [s for s, _ in checkpoint.list_checkpoints(out / "checkpoints")] == [sync_point]
+        assert [r["step"] for r in records(out)] == [3, 6]
+    run_cli(*sparse)  # the run stopped at 8 goes on to 24 as if it had never stopped
     assert_same_run(tmp_path / "straight", out)
