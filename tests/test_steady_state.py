@@ -3,6 +3,7 @@ waits for the device only at sync points, without changing a single bit of the r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -11,12 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, assert_same_run, cli_env, run_cli, run_torchrun
+from conftest import REPO, TINY, TINY_MODEL, assert_same_run, cli_env, run_cli, run_torchrun
+from torch.utils.flop_counter import FlopCounterMode
 
-from ddp_diffusion import checkpoint
-from ddp_diffusion.config import ModelConfig
-from ddp_diffusion.model import build_denoiser, forward_gflops
-from ddp_diffusion.train import apply_update
+from ddp_diffusion import checkpoint, config
+from ddp_diffusion.data import Batch
+from ddp_diffusion.diffusion import Diffusion
+from ddp_diffusion.model import build_denoiser
+from ddp_diffusion.train import apply_update, train_step
 from ddp_diffusion.utilisation import table_peak_tflops
 
 
@@ -32,26 +35,42 @@ def records(out: Path) -> list[dict]:
 # ----------------------------------------------------------------------------- utilisation
 
 
-def tiny_train_gflop() -> float:
-    """Training FLOPs per image of the TINY model on 1x32x32 images: 3x the forward."""
-    model = ModelConfig(channels=16, channel_mult=[1, 2], num_res_blocks=1,
-                        attention_resolutions=[], num_classes=10, in_channels=1)
-    return 3 * forward_gflops(build_denoiser(model, 100), 32, 1)
+def tiny_step_gflop_per_image() -> float:
+    """GFLOP per image of one real training step of the TINY model, as torch counts them: the
+    trainer's own train_step (forward, loss, backward) on a batch of 4 images."""
+    cfg = config.load(None, TINY)
+    torch.manual_seed(0)
+    denoiser = build_denoiser(TINY_MODEL, cfg.diffusion.steps)
+    opt = torch.optim.AdamW(denoiser.parameters())
+    batch = Batch.zeros(4, (TINY_MODEL.in_channels, TINY_MODEL.image_size,
+                            TINY_MODEL.image_size), torch.device("cpu"))
+    with FlopCounterMode(display=False) as counter:
+        train_step(denoiser, contextlib.nullcontext, Diffusion(cfg.diffusion), [batch], opt,
+                   torch.amp.GradScaler("cpu", enabled=False), cfg.train, "fp32")
+    return counter.get_total_flops() / 4 / 1e9
 
 
 def test_every_logged_row_carries_tflops_and_the_fraction_of_the_set_peak(
         tiny_data: Path, tmp_path: Path) -> None:
-    gflop = tiny_train_gflop()
     run_cli(*args(tiny_data, tmp_path / "one", 10, "train.peak_tflops=0.25"))
-    for r in records(tmp_path / "one"):
-        assert r["tflops"] == pytest.approx(r["images_per_s"] * gflop / 1e3, rel=1e-9)
+    one = records(tmp_path / "one")
+    for r in one:
         assert r["peak_fraction"] == pytest.approx(r["tflops"] / 0.25, rel=1e-9)
     # Two ranks: the images/s is global, the TFLOP/s per device; no peak known for a CPU.
     run_torchrun(2, *args(tiny_data, tmp_path / "two", 10))
-    rows = records(tmp_path / "two")
-    assert rows and all("peak_fraction" not in r for r in rows)
-    for r in rows:
-        assert r["tflops"] == pytest.approx(r["images_per_s"] * gflop / 1e3 / 2, rel=1e-9)
+    two = records(tmp_path / "two")
+    assert two and all("peak_fraction" not in r for r in two)
+    # Every row of both runs: TFLOP/s x devices / (images/s) is one number, the FLOPs of a
+    # training image ...
+    per_image = [1e3 * r["tflops"] * world / r["images_per_s"]
+                 for rows, world in ((one, 1), (two, 2)) for r in rows]
+    assert len(per_image) == 4 and per_image == pytest.approx([per_image[0]] * 4, rel=1e-9)
+    # ... the FLOPs a training step really does per image. The trainer counts 3x the forward
+    # once (the backward computes gradients of activations and of weights); torch's count of a
+    # real step lacks only the input gradients of the two layers fed by data, the stem
+    # convolution and the time embedding's first linear layer: 2 * (9*16*32^2 + 16*64) FLOP of
+    # 0.39 GFLOP per image, 0.08%.
+    assert per_image[0] == pytest.approx(tiny_step_gflop_per_image(), rel=1e-3)
 
 
 @pytest.mark.parametrize(("name", "precision", "peak"), [
