@@ -278,7 +278,7 @@ def _random_inception_state_dict() -> dict[str, torch.Tensor]:
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     module = FeatureExtractorInceptionV3.__new__(FeatureExtractorInceptionV3)
-    with pytest.raises(Exception):  # noqa: B017  (whatever torch.load raises on an empty file)
+    with pytest.raises(EOFError, match="Ran out of input"):  # torch.load of an empty file
         module.__init__("inception-v3-compat", ["2048"],
                         feature_extractor_weights_path="/dev/null")
     return {k: v.clone() for k, v in module.state_dict().items()}
