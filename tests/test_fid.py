@@ -160,13 +160,22 @@ def test_classifier_checksum_is_verified(tmp_path: Path) -> None:
 
 
 def test_fid_cli_writes_json_and_in_training_fid_is_logged(trained_run: Path,
-                                                           fid_args: list[str],
+                                                           fid_args: list[str], tiny_data: Path,
                                                            tmp_path: Path) -> None:
     records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text()
                .splitlines()]
     fid_records = [r for r in records if "fid" in r]
     assert [r["step"] for r in fid_records] == [5, 10]
-    assert all(r["fid"] > 0 and 0 <= r["class_accuracy"] <= 1 for r in fid_records)
+    # The FID of that step's EMA weights: the fid command on the step-10 checkpoint with the
+    # run's fid settings draws the same 20 samples in the same chunks in one process, so its
+    # numbers are the same to the bit.
+    again = json.loads(run_cli("fid", "--run", str(trained_run), "--num-samples", "20",
+                               "--batch-size", "10", "--steps", "3", "--data-root",
+                               str(tiny_data)).stdout)
+    assert again["step"] == 10 and again["num_samples"] == 20
+    assert (fid_records[1]["fid"], fid_records[1]["class_accuracy"]) == (
+        again["fid"], again["class_accuracy"])
+    assert fid_records[0]["class_accuracy"] in {k / 20 for k in range(21)}  # of 20 samples
 
     out = tmp_path / "result.json"
     proc = run_cli("fid", "--run", str(trained_run), *fid_args, "--seed", "1", "--out", str(out))
