@@ -317,7 +317,19 @@ def test_inception_features_load_a_local_state_dict(tmp_path: Path,
     metric = fid.new_metric(extractor)
     metric.update(images[:3], real=True)
     metric.update(images[3:], real=False)
-    assert torch.isfinite(metric.compute())
+    # FID is computed from exactly these features: its statistics are their sums in float64 ...
+    with torch.no_grad():
+        real, fake = (extractor(x).double() for x in (images[:3], images[3:]))
+    assert torch.equal(metric.real_features_sum, real.sum(0))
+    assert torch.equal(metric.real_features_cov_sum, real.T @ real)
+    assert torch.equal(metric.fake_features_sum, fake.sum(0))
+    assert metric.real_features_num_samples == metric.fake_features_num_samples == 3
+    # ... and its value is where its definition puts it: the squared distance of the means plus
+    # a squared distance of the covariances (Bures), which lies between 0 and tr Cr + tr Cf.
+    means = (real.mean(0) - fake.mean(0)).square().sum().item()
+    traces = real.var(0).sum().item() + fake.var(0).sum().item()
+    assert means > 0 and traces > 0
+    assert means <= metric.compute().item() <= means + traces
 
     with pytest.raises(UserError, match="does not exist"):
         fid.inception_weights(tmp_path / "missing.pth")
