@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ddp_diffusion import config
+
 REPO = Path(__file__).resolve().parent.parent
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -23,6 +25,9 @@ TINY = [
     "sample.sampler=ddim", "sample.steps=5", "sample.per_class=2", "tracking.wandb=disabled",
     "train.precision=fp32", "train.num_threads=1",
 ]
+# The model TINY runs train, for tests that build it in the test process: TINY's model settings
+# with the data's shape filled in as the trainer does (Fashion-MNIST: 10 classes, greyscale).
+TINY_MODEL = config.with_data_shape(config.load(None, TINY).model, num_classes=10, channels=1)
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import subprocess
@@ -12,12 +13,14 @@ import pytest
 import torch
 from conftest import REPO, TINY, assert_same_run, cli_env, run_cli
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 
-from ddp_diffusion import checkpoint
-from ddp_diffusion.config import ModelConfig
-from ddp_diffusion.diffusion import build_denoiser
-from ddp_diffusion.model import forward_gflops
+from ddp_diffusion import checkpoint, config
+from ddp_diffusion.data import Batch
+from ddp_diffusion.diffusion import Diffusion, build_denoiser
 from ddp_diffusion.runs import load_run
+from ddp_diffusion.train import train_step
+from ddp_diffusion.utilisation import achieved_tflops
 
 sys.path.insert(0, str(REPO / "bench"))
 from codealong import CodeAlong  # bench/ holds scripts, not a package
@@ -32,21 +35,34 @@ def test_train_throughput_quick_emits_json(tiny_data: Path, tmp_path: Path) -> N
     result = json.loads((tmp_path / "train_throughput_cpu.json").read_text())
     names = [v["variant"] for v in result["variants"]]
     assert names == ["codealong", "ours fp32"]
-    # Both run the code-along's network: ~3x its forward FLOPs per training image.
-    seed = ModelConfig(name="seed_unet", num_classes=10, in_channels=1)
-    fwd = forward_gflops(build_denoiser(seed, 1000), seed.image_size)
+    # Both run the code-along's network: the FLOPs per image of the trainer's own step on it,
+    # and the rate the trainer would log (as TFLOP/s) at their images/s.
+    gflop = seed_step_gflop_per_image()
     for v in result["variants"]:
         assert v["steps_timed"] == 2 and v["batch_size"] == 8
         assert v["min"] <= v["images_per_s"] <= v["max"] and v["images_per_s"] > 0
-        assert v["train_gflop_per_image"] == pytest.approx(3 * fwd, rel=0.05)
-        assert v["achieved_gflops"] == pytest.approx(v["images_per_s"]
-                                                     * v["train_gflop_per_image"])
+        assert v["train_gflop_per_image"] == pytest.approx(gflop, rel=1e-9)
+        assert v["achieved_gflops"] == pytest.approx(
+            1e3 * achieved_tflops(v["images_per_s"], gflop, world_size=1), rel=1e-9)
         assert v["peak_rss_mb"] > 100  # a process that holds torch and a 13.6M-param model
     assert result["speedup"] == pytest.approx(result["variants"][1]["images_per_s"]
                                               / result["variants"][0]["images_per_s"])
     assert result["peak_gflops"]["fp32"] > 0 and result["peak_gflops"]["bf16"] > 0
     table = (tmp_path / "train_throughput_cpu.md").read_text()
     assert "| codealong | 8 |" in table and "| ours fp32 | 8 |" in table
+
+
+def seed_step_gflop_per_image() -> float:
+    """GFLOP per image of one step of the trainer's train_step (forward, loss, backward) on the
+    code-along's network (configs/seed.yaml), as torch's FlopCounterMode counts them."""
+    cfg = config.load(REPO / "configs" / "seed.yaml")
+    model = build_denoiser(config.with_data_shape(cfg.model, 10, 1), cfg.diffusion.steps)
+    batch = Batch.zeros(2, (1, cfg.model.image_size, cfg.model.image_size), torch.device("cpu"))
+    with FlopCounterMode(display=False) as counter:
+        train_step(model, contextlib.nullcontext, Diffusion(cfg.diffusion), [batch],
+                   torch.optim.AdamW(model.parameters()),
+                   torch.amp.GradScaler("cpu", enabled=False), cfg.train, "fp32")
+    return counter.get_total_flops() / 2 / 1e9
 
 
 def test_sync_every_bench_times_each_value_over_the_logged_intervals(tiny_data: Path,

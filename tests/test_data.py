@@ -6,10 +6,9 @@ import gzip
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from conftest import DEBIAN_DIR, make_dataset, synthetic_split, write_idx
+from conftest import DEBIAN_DIR, make_dataset, synthetic_split
 
 from ddp_diffusion.config import check_batch
 from ddp_diffusion.data import MemoryLoader, StepPlan
@@ -129,8 +128,3 @@ def test_batch_must_divide() -> None:
                                         r"x train.grad_accum 1; choose a multiple of 4"):
         check_batch(190, 4, 1)
 
-
-def test_write_idx_header(tmp_path: Path) -> None:
-    write_idx(tmp_path / "x", np.zeros((3, 28, 28), dtype=np.uint8))
-    head = (tmp_path / "x").read_bytes()[:16]
-    assert head == bytes.fromhex("00000803" "00000003" "0000001c" "0000001c")

@@ -6,17 +6,14 @@ import itertools
 from collections.abc import Callable
 
 import torch
+from conftest import TINY_MODEL
 from torch import Tensor
 
-from ddp_diffusion.config import DiffusionConfig, ModelConfig
+from ddp_diffusion.config import DiffusionConfig
 from ddp_diffusion.data import MemoryLoader, StepPlan
-from ddp_diffusion.diffusion import DDIMToData, Diffusion, SolverSampler, build_denoiser
+from ddp_diffusion.diffusion import Diffusion, SolverSampler, build_denoiser
 from ddp_diffusion.network import NetworkOutput
-from ddp_diffusion.registry import SAMPLERS
 from ddp_diffusion.sample import generate
-
-TINY_MODEL = ModelConfig(channels=16, channel_mult=[1, 2], num_res_blocks=1,
-                         attention_resolutions=[], num_classes=10, in_channels=1)
 
 
 def _denoiser(steps: int = 100, randomize: bool = False) -> torch.nn.Module:
@@ -89,13 +86,30 @@ def test_same_seed_same_pixels_and_classes_differ() -> None:
     assert denoiser.cfguidance.guidance == 0.0  # it samples through denoiser.guided(g)
 
 
-def test_guidance_changes_samples_as_cfguidance_defines() -> None:
+def test_guidance_pushes_the_conditional_prediction_away_from_the_unconditional_one() -> None:
+    """Classifier-free guidance g: (1 + g) * cond - g * uncond, where cond and uncond are the
+    same network's predictions with the class embedding and with the learned null embedding
+    (the one label dropout trains); g = 0 is the conditional prediction alone."""
+    denoiser = _denoiser(randomize=True).double().eval()
+    net = denoiser.cfguidance.model
+    labels = torch.tensor([1, 2, 7])
+    torch.manual_seed(3)
+    xt, t = torch.randn(3, 1, 32, 32, dtype=torch.float64), torch.tensor([5, 40, 90])
+    with torch.no_grad():
+        cond = net(xt, t, denoiser.condition(labels))
+        uncond = net(xt, t, denoiser.condition(labels, drop=torch.ones(3, dtype=torch.bool)))
+        assert not torch.allclose(cond.prediction, uncond.prediction)  # something to push
+        for g in (0.0, 0.5, 2.0):
+            guided = denoiser.guided(g).eval()(xt, t, denoiser.condition(labels))
+            torch.testing.assert_close(guided.prediction,
+                                       (1 + g) * cond.prediction - g * uncond.prediction)
+            # the learned variance is not guided: the conditional one
+            torch.testing.assert_close(guided.variance_value, cond.variance_value)
+    # generate() samples through the guided network: guidance changes its pixels
     diffusion = Diffusion(DiffusionConfig(steps=100))
-    denoiser = _denoiser(randomize=True)
-    labels = torch.tensor([1, 2])
-    g0 = generate(denoiser, diffusion, labels, "ddim", 10, guidance=0.0, seed=0)
-    g2 = generate(denoiser, diffusion, labels, "ddim", 10, guidance=2.0, seed=0)
-    assert not torch.allclose(g0, g2)
+    g0, g2 = (generate(denoiser.float(), diffusion, labels, "ddim", 10, guidance=g, seed=0)
+              for g in (0.0, 2.0))
+    assert not torch.allclose(g0, g2, atol=1e-3)
 
 
 def test_ddim_step_is_consistent_where_the_x0_clamp_bites() -> None:
@@ -135,23 +149,29 @@ def reference_ddim(eps: Callable[[Tensor, int], Tensor], alphas_cumprod: Tensor,
 def test_ddim_matches_the_papers_equations_step_for_step_and_evaluation_for_evaluation() -> None:
     diffusion = Diffusion(DiffusionConfig(steps=100))
     denoiser = _denoiser(randomize=True).double().eval()  # float64: the two differ in rounding
-    guided = denoiser.guided(2.0).eval()  # a new module: in eval mode it guides
-    cond = denoiser.condition(torch.tensor([0, 3, 7]))
-    calls = []
-    denoiser.cfguidance.model.register_forward_hook(lambda *_: calls.append(1))
+    net, labels, g = denoiser.cfguidance.model, torch.tensor([0, 3, 7]), 2.0
+    cond = denoiser.condition(labels)
+    uncond = denoiser.condition(labels, drop=torch.ones(3, dtype=torch.bool))
+    evaluated: list[Tensor] = []  # the steps of each call of the net
+    hook = net.register_forward_hook(lambda _, args, __: evaluated.append(args[1]))
     torch.manual_seed(2)
     noise = torch.randn(3, 1, 32, 32, dtype=torch.float64)
 
-    def eps(x: Tensor, t: int) -> Tensor:
-        return guided(x, torch.full((len(x),), t), cond).prediction
+    def eps(x: Tensor, t: int) -> Tensor:  # classifier-free guidance, by its definition
+        steps = torch.full((len(x),), t)
+        return (1 + g) * net(x, steps, cond).prediction - g * net(x, steps, uncond).prediction
 
     with torch.no_grad():
-        ours = diffusion.sampler(denoiser, "ddim", 10, guidance=2.0)(noise, conditional_inputs=cond)
-        evaluations = len(calls)
-        timesteps = torch.linspace(0, 99, 10).round().long().flip(0).tolist()
+        ours = diffusion.sampler(denoiser, "ddim", 10, guidance=g)(noise, conditional_inputs=cond)
+        hook.remove()
+        # CFG batches the conditional and unconditional branch: one call per evaluation, and
+        # both halves of the batch at the same step.
+        assert len(evaluated) == 10 and all(len(t.unique()) == 1 for t in evaluated)
+        timesteps = [t[0].item() for t in evaluated]
         expected = reference_ddim(eps, diffusion.schedule.alphas_cumprod, timesteps, noise)
-    # CFG batches the conditional and unconditional branch: one call of the net per evaluation.
-    assert evaluations == 10
+    # 10 of the 100 steps, from pure noise (99) down to the data's (0), evenly: gaps of 11 or 12
+    assert timesteps[0] == 99 and timesteps[-1] == 0
+    assert {a - b for a, b in itertools.pairwise(timesteps)} <= {11, 12}
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-9)
     assert ours.abs().max() <= 1  # it ends on the clamped data estimate, not on x at t=0
 
@@ -206,14 +226,11 @@ def test_ode_samplers_converge_to_the_exact_flow_of_a_gaussian_as_steps_grow() -
     a_t = ac[-1]
     exact = mu + s * (x_t - a_t.sqrt() * mu) / (a_t * s ** 2 + 1 - a_t).sqrt()
 
+    stand_in = _denoiser(1000)  # the network Diffusion.sampler wraps, swapped out below
+
     def error(kind: str, steps: int) -> float:
-        if kind == "ddim":
-            eval_steps = torch.linspace(0, 999, steps).round().long()
-            sampler = DDIMToData(model, diffusion.schedule, diffusion.predictor,
-                                 eval_steps=eval_steps, progress_bar=False, eta=0.0).eval()
-        else:
-            sampler = SolverSampler(model, SAMPLERS[kind].options["algorithm"],
-                                    diffusion.schedule.betas, steps, clamp=False)
+        sampler = diffusion.sampler(stand_in, kind, steps, guidance=0.0)
+        sampler.model = model  # the sampler a run builds, evaluating the exact denoiser
         with torch.no_grad():
             return (sampler(x_t, None) - exact).abs().max().item() / s
 

@@ -10,9 +10,7 @@ import pytest
 import torch
 from conftest import TINY, final_state, max_weight_diff, run_cli, run_torchrun
 
-from ddp_diffusion import distributed
-from ddp_diffusion.config import from_dict
-from ddp_diffusion.diffusion import build_denoiser
+from ddp_diffusion import checkpoint, distributed
 
 # Two ranks average their gradients with an all-reduce while one process averages over the
 # whole batch in one reduction: the same math in a different summation order, so fp32 results
@@ -30,20 +28,31 @@ def _args(data: Path, out: Path, *extra: str) -> list[str]:
 
 @pytest.mark.slow
 def test_two_rank_ddp_matches_one_process(tiny_data: Path, tmp_path: Path) -> None:
-    run_cli(*_args(tiny_data, tmp_path / "one"))
+    # The one-process run keeps a checkpoint of every step (that changes no draw of training).
+    run_cli(*_args(tiny_data, tmp_path / "one", "train.ckpt_every=1", "train.keep_last=0"))
     proc = run_torchrun(2, *_args(tiny_data, tmp_path / "two"))
     assert "world size 2" in proc.stderr
     diff = max_weight_diff(tmp_path / "one", tmp_path / "two")
     assert diff < ATOL, diff
-    # ... while training moved the weights far more than that from their initial values.
-    state = final_state(tmp_path / "one")
-    cfg = from_dict(state["config"])
-    torch.manual_seed(cfg.seed)
-    init = build_denoiser(cfg.model, cfg.diffusion.steps).state_dict()
-    moved = max((state["model"][k] - init[k]).abs().max().item() for k in init)
+    # ... while training moved the weights far more than that from its first step to its last.
+    saved = checkpoint.list_checkpoints(tmp_path / "one" / "checkpoints")
+    assert [step for step, _ in saved] == [1, 2, 3, 4, 5, 6]
+    first, last = (checkpoint.read(path)["model"] for _, path in (saved[0], saved[-1]))
+    moved = max((last[k] - first[k]).abs().max().item() for k in first)
     assert moved > 100 * ATOL, moved
-    assert run_torchrun(2, *_args(tiny_data, tmp_path / "odd", "train.batch_size=15"),
-                        check=False).returncode != 0
+
+
+@pytest.mark.slow
+def test_a_global_batch_the_ranks_cannot_split_is_one_line_and_exit_2_on_every_rank(
+        tiny_data: Path, tmp_path: Path) -> None:
+    proc = run_torchrun(2, *_args(tiny_data, tmp_path / "odd", "train.batch_size=15"),
+                        check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # torchrun's code for a failed worker
+    message = ("error: train.batch_size=15 is not divisible by world size 2 x train.grad_accum "
+               "1; choose a multiple of 2\n")
+    assert proc.stderr.count(message) == 2, proc.stderr[-3000:]  # from each rank ...
+    assert proc.stderr.count("exitcode  : 2 ") == 2, proc.stderr[-3000:]  # ... with code 2
+    assert not (tmp_path / "odd").exists()  # refused before the run directory was made
 
 
 def test_gradient_accumulation_equals_full_batch(tiny_data: Path, tmp_path: Path) -> None:

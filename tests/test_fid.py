@@ -160,13 +160,22 @@ def test_classifier_checksum_is_verified(tmp_path: Path) -> None:
 
 
 def test_fid_cli_writes_json_and_in_training_fid_is_logged(trained_run: Path,
-                                                           fid_args: list[str],
+                                                           fid_args: list[str], tiny_data: Path,
                                                            tmp_path: Path) -> None:
     records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text()
                .splitlines()]
     fid_records = [r for r in records if "fid" in r]
     assert [r["step"] for r in fid_records] == [5, 10]
-    assert all(r["fid"] > 0 and 0 <= r["class_accuracy"] <= 1 for r in fid_records)
+    # The FID of that step's EMA weights: the fid command on the step-10 checkpoint with the
+    # run's fid settings draws the same 20 samples in the same chunks in one process, so its
+    # numbers are the same to the bit.
+    again = json.loads(run_cli("fid", "--run", str(trained_run), "--num-samples", "20",
+                               "--batch-size", "10", "--steps", "3", "--data-root",
+                               str(tiny_data)).stdout)
+    assert again["step"] == 10 and again["num_samples"] == 20
+    assert (fid_records[1]["fid"], fid_records[1]["class_accuracy"]) == (
+        again["fid"], again["class_accuracy"])
+    assert fid_records[0]["class_accuracy"] in {k / 20 for k in range(21)}  # of 20 samples
 
     out = tmp_path / "result.json"
     proc = run_cli("fid", "--run", str(trained_run), *fid_args, "--seed", "1", "--out", str(out))
@@ -278,7 +287,7 @@ def _random_inception_state_dict() -> dict[str, torch.Tensor]:
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     module = FeatureExtractorInceptionV3.__new__(FeatureExtractorInceptionV3)
-    with pytest.raises(Exception):  # noqa: B017  (whatever torch.load raises on an empty file)
+    with pytest.raises(EOFError, match="Ran out of input"):  # torch.load of an empty file
         module.__init__("inception-v3-compat", ["2048"],
                         feature_extractor_weights_path="/dev/null")
     return {k: v.clone() for k, v in module.state_dict().items()}
@@ -308,7 +317,19 @@ def test_inception_features_load_a_local_state_dict(tmp_path: Path,
     metric = fid.new_metric(extractor)
     metric.update(images[:3], real=True)
     metric.update(images[3:], real=False)
-    assert torch.isfinite(metric.compute())
+    # FID is computed from exactly these features: its statistics are their sums in float64 ...
+    with torch.no_grad():
+        real, fake = (extractor(x).double() for x in (images[:3], images[3:]))
+    assert torch.equal(metric.real_features_sum, real.sum(0))
+    assert torch.equal(metric.real_features_cov_sum, real.T @ real)
+    assert torch.equal(metric.fake_features_sum, fake.sum(0))
+    assert metric.real_features_num_samples == metric.fake_features_num_samples == 3
+    # ... and its value is where its definition puts it: the squared distance of the means plus
+    # a squared distance of the covariances (Bures), which lies between 0 and tr Cr + tr Cf.
+    means = (real.mean(0) - fake.mean(0)).square().sum().item()
+    traces = real.var(0).sum().item() + fake.var(0).sum().item()
+    assert means > 0 and traces > 0
+    assert means <= metric.compute().item() <= means + traces
 
     with pytest.raises(UserError, match="does not exist"):
         fid.inception_weights(tmp_path / "missing.pth")

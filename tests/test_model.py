@@ -3,6 +3,7 @@ KeyedDropout: its masks, their statistics and its cost in aten ops."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import statistics
 import time
@@ -10,8 +11,10 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import TINY_MODEL
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from ddp_diffusion.config import ModelConfig
 from ddp_diffusion.diffusion import build_denoiser
@@ -47,9 +50,7 @@ def test_seed_unet_parameter_count_matches_spec() -> None:
 
 @pytest.mark.parametrize("name", ["seed_unet", "unet"])
 def test_output_shapes(name: str) -> None:
-    cfg = ModelConfig(name=name, channels=16, channel_mult=[1, 2], num_res_blocks=1,
-                      num_classes=10, in_channels=1)
-    denoiser = build_denoiser(cfg, 1000)
+    denoiser = build_denoiser(dataclasses.replace(TINY_MODEL, name=name), 1000)
     x = torch.randn(3, 1, 32, 32)
     out = denoiser(x, torch.tensor([0, 500, 999]), torch.tensor([0, 5, 9]))
     assert out.prediction.shape == (3, 1, 32, 32)
@@ -58,7 +59,7 @@ def test_output_shapes(name: str) -> None:
 
 def test_unet_conditions_on_class_and_time() -> None:
     torch.manual_seed(0)
-    net = UNet(ModelConfig(channels=16, channel_mult=[1, 2], num_res_blocks=1, in_channels=1))
+    net = UNet(TINY_MODEL)
     for p in net.parameters():  # leave zero-init: random weights everywhere to see the inputs
         torch.nn.init.normal_(p, std=0.1)
     x = torch.randn(1, 1, 32, 32)
@@ -73,9 +74,13 @@ def test_forward_gflops() -> None:
     # The code-along's U-Net: ~7.7 GFLOP per 32x32 image forward (2 FLOPs per multiply-add).
     seed = ModelConfig(name="seed_unet", num_classes=10, in_channels=1)
     assert forward_gflops(build_denoiser(seed, 1000), 32) == pytest.approx(7.746, rel=1e-3)
-    small = build_denoiser(ModelConfig(channels=16, channel_mult=[1, 2], num_res_blocks=1,
-                                       num_classes=10, in_channels=1), 1000)
-    assert 0 < forward_gflops(small, 32) < 0.2
+    # The small UNet (with attention): the count on the meta device is what torch counts for a
+    # real forward, per image.
+    small = build_denoiser(TINY_MODEL, 1000)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        small(torch.randn(3, 1, 32, 32), torch.tensor([1, 500, 999]), torch.arange(3))
+    assert counter.get_flop_counts()["Global"][torch.ops.aten.bmm]  # attention is counted
+    assert forward_gflops(small, 32) == counter.get_total_flops() / 3 / 1e9
 
 
 def test_forward_gflops_of_a_large_image_allocates_nothing() -> None:
@@ -237,9 +242,7 @@ def test_keyed_dropout_layer_makes_a_few_aten_ops() -> None:
 def test_unet_dropout_costs_a_constant_number_of_aten_ops_per_layer() -> None:
     def forward_ops(dropout: float) -> tuple[int, int]:
         """Aten ops of a training forward (tables built), and the number of dropout layers."""
-        cfg = ModelConfig(channels=16, channel_mult=[1, 2], num_res_blocks=1, num_classes=10,
-                          in_channels=1, dropout=dropout)
-        model = build_denoiser(cfg, 100).train()
+        model = build_denoiser(dataclasses.replace(TINY_MODEL, dropout=dropout), 100).train()
         x, t, labels = torch.randn(4, 1, 32, 32), torch.tensor([1, 20, 50, 99]), torch.arange(4)
         keys = torch.tensor([5, 6, 7, 8])
         model(x, t, labels, keys=keys)  # the first forward hashes the position tables
