@@ -477,9 +477,7 @@ def _validate_train(t: TrainConfig) -> None:
                 "profile_steps", "weight_decay", "grad_clip", "ema_rampup_ratio",
                 "time_limit_minutes", "lock_wait_s", "peak_tflops"):
         check_at_least(f"train.{key}", getattr(t, key), 0)
-    check(t.batch_size % t.grad_accum == 0,
-          f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}; "
-          f"choose a multiple of {t.grad_accum}")
+    check_batch(t.batch_size, 1, t.grad_accum)  # any world size: checked again when known
     check(0 < t.lr < FP32_MAX, f"train.lr={t.lr} must be a positive number (below "
                                f"{FP32_MAX:.2e}, the largest float32)")
     check(t.ema_halflife_kimg > 0 and math.isfinite(t.ema_halflife_kimg),
@@ -496,10 +494,10 @@ def check_batch(batch_size: int, world_size: int, accum: int) -> int:
     """Per-rank micro-batch size, or a clear error when the global batch does not divide (where
     the world size is known: at submit and at the start of training)."""
     if batch_size % (world_size * accum):
-        raise UserError(
-            f"train.batch_size={batch_size} is not divisible by world size {world_size} x "
-            f"train.grad_accum {accum}; choose a multiple of {world_size * accum}"
-        )
+        by = (f"world size {world_size} x train.grad_accum {accum}" if world_size > 1
+              else f"train.grad_accum={accum}")
+        raise UserError(f"train.batch_size={batch_size} is not divisible by {by}; "
+                        f"choose a multiple of {world_size * accum}")
     return batch_size // (world_size * accum)
 
 

@@ -35,11 +35,13 @@ CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 CONFIG = "config.yaml"
 SAMPLES = "samples"
+WANDB = "wandb"  # made by wandb.init(dir=out_dir)
+SLURM = "slurm"  # submitit's job scripts and logs, unless submit --folder says otherwise
 # What makes up a run besides its checkpoints (moved together when a new run starts).
 RUN_FILES = (METRICS, CONFIG, SAMPLES)
 # What the trainer writes in out_dir: folders (which may be the user's own links to another
 # disk) and files (never followed if they are links).
-RUN_FOLDERS = (CHECKPOINTS, SAMPLES, "wandb")
+RUN_FOLDERS = (CHECKPOINTS, SAMPLES, WANDB)
 PROFILE, TRACE = "profile.txt", "profile_trace.json"
 RUN_FILES_WRITTEN = (LOCK_NAME, METRICS, CONFIG, PROFILE, TRACE)
 

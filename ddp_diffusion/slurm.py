@@ -32,7 +32,7 @@ from typing import NoReturn
 import submitit
 from submitit.core import utils as submitit_utils
 
-from ddp_diffusion import checkpoint
+from ddp_diffusion import checkpoint, rundir
 from ddp_diffusion.config import Config, check_batch
 from ddp_diffusion.errors import EXIT_PREEMPTED, RequeueLimitReached, UserError
 from ddp_diffusion.signals import STOP_SIGNALS
@@ -65,7 +65,7 @@ def parse_time(text: str) -> int:
 
 def build_executor(opts: SubmitOptions, out_dir: str) -> submitit.AutoExecutor:
     """A submitit executor for the job: SLURM (or submitit's local executor with `local`)."""
-    folder = Path(opts.folder or Path(out_dir) / "slurm")
+    folder = Path(opts.folder or Path(out_dir) / rundir.SLURM)
     if not opts.local and shutil.which("sbatch") is None:
         raise UserError("sbatch not found: this is not a SLURM login node (use --local to run "
                         "the job here with submitit's local executor)")
@@ -194,7 +194,7 @@ class SlurmTrainer:
 
     def _after_stop(self, job: submitit.JobEnvironment, rank: int) -> NoReturn:
         """Training saved and returned 75: requeue (rank 0), or leave it to SLURM, then exit."""
-        newest = checkpoint.list_checkpoints(Path(self.cfg.out_dir) / "checkpoints")
+        newest = checkpoint.list_checkpoints(Path(self.cfg.out_dir) / rundir.CHECKPOINTS)
         saved = f"step {newest[-1][0]} ({newest[-1][1]})" if newest else "no checkpoint"
         state = "RUNNING" if job.cluster == "local" else job_state(job.job_id)
         if state != "RUNNING":

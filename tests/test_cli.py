@@ -150,6 +150,19 @@ def test_submit_flags_fill_their_submit_options() -> None:
     assert from_args(build_parser().parse_args(["submit"])) == SubmitOptions()
 
 
+def test_the_sbatch_template_has_the_submit_defaults() -> None:
+    """slurm/train.sbatch (plain sbatch, no submitit) asks for what `submit` asks for by default:
+    the same time limit, job name, warning signal and requeue limit."""
+    text = (REPO / "slurm" / "train.sbatch").read_text()
+    directives = dict(line.removeprefix("#SBATCH --").partition("=")[::2]
+                      for line in text.splitlines() if line.startswith("#SBATCH --"))
+    opts = SubmitOptions()
+    assert directives["time"] == opts.time
+    assert directives["job-name"] == opts.job_name
+    assert directives["signal"] == f"B:USR2@{opts.signal_delay_s}"
+    assert f"MAX_REQUEUES=${{MAX_REQUEUES:-{opts.max_requeues}}}" in text
+
+
 def test_the_parser_is_built_without_torch_or_submitit() -> None:
     """`ddp-diffusion --help` answers at once: importing torch alone takes seconds."""
     code = ("import sys; from ddp_diffusion.cli import build_parser; "
