@@ -39,6 +39,7 @@ from torchmultimodal.diffusion_labs.schedules.discrete_gaussian_schedule import 
     linear_beta_schedule,
 )
 from torchmultimodal.diffusion_labs.transforms.diffusion_transform import RandomDiffusionSteps
+from torchmultimodal.diffusion_labs.utils.common import DiffusionOutput
 from torchvision.datasets import FashionMNIST
 from torchvision.transforms import Compose, Lambda, Resize, ToTensor
 
@@ -49,6 +50,16 @@ from ddp_diffusion.sources import prepare
 SEED_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "seed.yaml"
 
 
+class CodeAlongUNet(SeedUNet):
+    """SeedUNet returning torchmultimodal's DiffusionOutput, as the code-along's network does:
+    DDPModule refuses any other type in training (ours returns network.NetworkOutput)."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c: dict[str, torch.Tensor]
+                ) -> DiffusionOutput:
+        out = super().forward(x, t, c)
+        return DiffusionOutput(prediction=out.prediction, variance_value=out.variance_value)
+
+
 class CodeAlong:
     """The code-along's data pipeline, model, optimizer and loss, ready to take steps."""
 
@@ -57,7 +68,7 @@ class CodeAlong:
         self.device = device
         self.schedule = DiscreteGaussianSchedule(linear_beta_schedule(1000))
         predictor = NoisePredictor(self.schedule, lambda x: torch.clamp(x, -1, 1))
-        unet = CFGuidance(SeedUNet(), {"context": 32}, guidance=2.0)
+        unet = CFGuidance(CodeAlongUNet(), {"context": 32}, guidance=2.0)
         eval_steps = torch.linspace(0, 999, 250, dtype=torch.long)
         self.model = DDPModule(unet, self.schedule, predictor, eval_steps).to(device)
         self.encoder = nn.Embedding(10, 32).to(device)
