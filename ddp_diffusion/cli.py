@@ -74,6 +74,13 @@ def _sample(args: argparse.Namespace) -> int:
     from ddp_diffusion.files import check_writable
 
     _check_flags(args)  # before torch is imported: a bad flag fails fast
+    outputs = [flag for flag in ("out", "out_npz", "out_dir") if getattr(args, flag)]
+    check(len(outputs) == 1, "sample writes one of: --out grid.png (a labelled grid), "
+                             "--out-npz samples.npz or --out-dir folder (--num-samples images)")
+    if outputs != ["out"]:
+        return _export(args)
+    check(args.num_samples is None, "--num-samples is for --out-npz or --out-dir; a grid has "
+                                    "--per-class images of each of --classes")
     out = Path(args.out)
     check(out.suffix.lower() in Image.registered_extensions(),
           f"--out {out}: name an image file, e.g. grid.png (PNG, JPEG, WebP, ...)")
@@ -101,6 +108,47 @@ def _sample(args: argparse.Namespace) -> int:
     grid.save(out)
     print(f"wrote {out} ({len(classes)} classes x {s.per_class}, step {run.step})")
     return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    import json
+
+    from ddp_diffusion.files import check_writable
+
+    out = Path(args.out_npz or args.out_dir)
+    check(args.num_samples is not None, f"--out-{'npz' if args.out_npz else 'dir'} needs "
+                                        "--num-samples N (50000 is FID's standard)")
+    check(args.per_class is None, "--per-class is for grids (--out); an export has "
+                                  "--num-samples images, cycling through --classes")
+    check(not args.out_npz or out.suffix == ".npz", f"--out-npz {out}: name a .npz file")
+    check(not args.out_dir or out.suffix != ".npz", f"--out-dir {out}: name a folder (for a "
+                                                    ".npz file use --out-npz)")
+    from ddp_diffusion import distributed
+    from ddp_diffusion.export import export
+    from ddp_diffusion.runs import load_run
+    from ddp_diffusion.sample import SampleSet, parse_classes
+
+    env = distributed.init()
+    try:
+        if args.out_npz:  # only rank 0 writes it
+            distributed.run_on_main(env.is_main, lambda: check_writable(out, "--out-npz"))
+        run = load_run(Path(args.run), args.checkpoint and Path(args.checkpoint), args.ema,
+                       env.device)
+        classes = tuple(parse_classes(args.classes, run.class_names))
+        s = dataclasses.replace(run.cfg.sample, **_overrides(args, SAMPLE_FLAGS))
+        check_sample(s, run.diffusion.num_timesteps, prefix="--")
+        samples = SampleSet(args.num_samples, args.batch_size, classes, s.sampler, s.steps,
+                            s.guidance, s.eta, args.seed, args.precision)
+        identity = {"run": str(Path(args.run).resolve()), "step": run.step,
+                    "ema": run.cfg.sample.use_ema if args.ema is None else args.ema}
+        m = run.cfg.model
+        result = export(run.denoiser, run.diffusion, samples, m.image_size, m.in_channels, out,
+                        identity, env)
+        if env.is_main:
+            print(json.dumps(result, indent=2))
+        return 0
+    finally:
+        distributed.shutdown()
 
 
 def _fid(args: argparse.Namespace) -> int:
@@ -161,8 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("sample", help="write a labelled PNG grid of generated images")
-    p.add_argument("--run", required=True, help="run directory (its out_dir)")
+    p = sub.add_parser(
+        "sample", help="a labelled grid of generated images, or N images as .npz or PNGs",
+        description="--out: a labelled grid. --out-npz / --out-dir: --num-samples images for "
+                    "evaluation suites (arr_0 uint8 NHWC + arr_1 labels, as the ADM suite "
+                    "reads; or PNGs + EDM's dataset.json), on every rank under torchrun, the "
+                    "same set for any world size, resumable; with fid's settings (--sampler, "
+                    "--steps, --guidance, --batch-size, --seed) the very images fid scores.")
+    p.add_argument("--run", "--run-dir", dest="run", required=True,
+                   help="run directory (its out_dir); --run-dir under torchrun")
     p.add_argument("--checkpoint", help="checkpoint file (default: newest in RUN/checkpoints)")
     p.add_argument("--classes", default="all",
                    help="'all' or names/indices, e.g. sneaker,bag or 7,8 (default: all)")
@@ -179,7 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction,
                    help="EMA weights (--no-ema: the raw ones; default: config sample.use_ema)")
-    p.add_argument("--out", required=True, help="output image path (PNG, JPEG, ...)")
+    p.add_argument("--out", help="the grid's image path (PNG, JPEG, ...)")
+    p.add_argument("--num-samples", type=int, help="images to export (--out-npz, --out-dir)")
+    p.add_argument("--out-npz", help="export to this .npz (arr_0: uint8 N x H x W x C, "
+                                     "arr_1: labels)")
+    p.add_argument("--out-dir", help="export to this folder: 000000.png, ... and dataset.json")
     p.set_defaults(func=_sample)
 
     p = sub.add_parser(

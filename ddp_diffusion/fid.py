@@ -25,7 +25,6 @@ import dataclasses
 import hashlib
 import io
 import logging
-import math
 import pickle
 import time
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from ddp_diffusion import distributed, files
-from ddp_diffusion.classifier import FashionClassifier, load_classifier, to_uint8
+from ddp_diffusion.classifier import FashionClassifier, load_classifier
 from ddp_diffusion.config import (
     Config,
     DataConfig,
@@ -49,8 +48,7 @@ from ddp_diffusion.config import (
 )
 from ddp_diffusion.diffusion import ConditionalDenoiser, Diffusion
 from ddp_diffusion.errors import UserError
-from ddp_diffusion.sample import generate
-from ddp_diffusion.seeds import derive_seed
+from ddp_diffusion.sample import SampleSet
 from ddp_diffusion.sources import open_source
 
 log = logging.getLogger("ddp_diffusion")
@@ -279,12 +277,6 @@ def local_paths(cfg: Config, data_root: str, data_path: str | None,
     return local
 
 
-def chunk_labels(chunk: int, batch_size: int, num_samples: int, num_classes: int) -> Tensor:
-    """Labels of one generation chunk: sample i asks for class i % num_classes."""
-    lo = chunk * batch_size
-    return torch.arange(lo, min(lo + batch_size, num_samples)) % num_classes
-
-
 def evaluate(denoiser: ConditionalDenoiser, diffusion: Diffusion, cfg: Config, fc: FidConfig,
              seed: int, precision: str = "fp32") -> dict[str, Any]:
     """FID (and, for Fashion-MNIST, class accuracy) of fc.num_samples generated images against
@@ -309,14 +301,11 @@ def evaluate(denoiser: ConditionalDenoiser, diffusion: Diffusion, cfg: Config, f
     t0 = time.perf_counter()
     counts = torch.zeros(2, dtype=torch.float64, device=device)  # correct, total
     digests: dict[int, str] = {}
-    for chunk in range(rank, math.ceil(fc.num_samples / fc.batch_size), world):
-        labels = chunk_labels(chunk, fc.batch_size, fc.num_samples, cfg.model.num_classes)
-        labels = labels.to(device)
-        images = generate(denoiser, diffusion, labels, fc.sampler, fc.steps, fc.guidance,
-                          seed=derive_seed(seed, "fid", chunk), eta=cfg.sample.eta,
-                          precision=precision, image_size=cfg.model.image_size,
-                          channels=cfg.model.in_channels)
-        pixels = to_uint8(images)
+    samples = SampleSet(fc.num_samples, fc.batch_size, tuple(range(cfg.model.num_classes)),
+                        fc.sampler, fc.steps, fc.guidance, cfg.sample.eta, seed, precision)
+    for chunk in range(rank, samples.num_chunks, world):
+        labels, pixels = samples.pixels(denoiser, diffusion, chunk, cfg.model.image_size,
+                                        cfg.model.in_channels)
         digests[chunk] = hashlib.sha256(pixels.cpu().numpy().tobytes()).hexdigest()
         with torch.no_grad():
             metric.update(pixels, real=False)

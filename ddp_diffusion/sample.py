@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ddp_diffusion import files
+from ddp_diffusion.classifier import to_uint8
 from ddp_diffusion.diffusion import ConditionalDenoiser, Diffusion
 from ddp_diffusion.errors import UserError
 from ddp_diffusion.precision import autocast
@@ -157,3 +160,44 @@ def generate_grid(denoiser: ConditionalDenoiser, diffusion: Diffusion, classes: 
                           seed=derive_seed(seed, "chunk", c) if c else seed, eta=eta,
                           precision=precision, image_size=image_size, channels=channels), lo)
     return grid
+
+
+@dataclass(frozen=True)
+class SampleSet:
+    """num_samples generated images in chunks of batch_size that any world size draws alike:
+    image i asks for classes[i % len(classes)] and chunk c draws from the seed (seed, "fid", c),
+    so rank r may draw chunks r, r + W, ... in any order. fid scores this set and
+    `sample --out-npz` exports it: with the same settings, the same images."""
+
+    num_samples: int
+    batch_size: int
+    classes: tuple[int, ...]
+    sampler: str
+    steps: int
+    guidance: float
+    eta: float
+    seed: int
+    precision: str
+
+    @property
+    def num_chunks(self) -> int:
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def indices(self, chunk: int) -> range:
+        """The images of one chunk."""
+        return range(chunk * self.batch_size,
+                     min((chunk + 1) * self.batch_size, self.num_samples))
+
+    def labels(self, chunk: int) -> torch.Tensor:
+        """The class each image of a chunk asks for."""
+        index = torch.tensor(self.indices(chunk))
+        return torch.tensor(self.classes)[index % len(self.classes)]
+
+    def pixels(self, denoiser: ConditionalDenoiser, diffusion: Diffusion, chunk: int,
+               image_size: int, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A chunk's labels and images, uint8 (n, channels, size, size), on the model's device."""
+        labels = self.labels(chunk).to(next(denoiser.parameters()).device)
+        images = generate(denoiser, diffusion, labels, self.sampler, self.steps, self.guidance,
+                          seed=derive_seed(self.seed, "fid", chunk), eta=self.eta,
+                          precision=self.precision, image_size=image_size, channels=channels)
+        return labels, to_uint8(images)
