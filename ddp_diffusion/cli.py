@@ -1,4 +1,4 @@
-"""The `ddp-diffusion` command: train, sample, fid, submit."""
+"""The `ddp-diffusion` command: train, sample, fid, fid-ref, submit."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from ddp_diffusion.config import (
     DataConfig,
     check,
     check_at_least,
+    check_features,
     check_fid,
     check_finite,
     check_sample,
@@ -167,9 +168,10 @@ def _fid(args: argparse.Namespace) -> int:
         run = load_run(Path(args.run), args.checkpoint and Path(args.checkpoint), args.ema,
                        env.device)
         fc = dataclasses.replace(run.cfg.fid, inception_weights=args.inception_weights,
-                                 **_overrides(args, FID_FLAGS))
+                                 ref_stats=args.ref_stats, **_overrides(args, FID_FLAGS))
         check_fid(fc, run.diffusion.num_timesteps, prefix="--")
-        cfg = local_paths(run.cfg, args.data_root, args.data_path, args.inception_weights)
+        cfg = local_paths(run.cfg, args.data_root, args.data_path, args.inception_weights,
+                          args.ref_stats)
         if args.eta is not None:
             cfg.sample.eta = args.eta
         result = {"run": args.run, "checkpoint": args.checkpoint, "step": run.step,
@@ -182,6 +184,21 @@ def _fid(args: argparse.Namespace) -> int:
         return 0
     finally:
         distributed.shutdown()
+
+
+def _fid_ref(args: argparse.Namespace) -> int:
+    from ddp_diffusion import config
+    from ddp_diffusion.files import check_writable
+
+    cfg = config.load(args.config, args.overrides)
+    out = Path(args.out)
+    check(out.suffix == ".npz", f"--out {out}: name an .npz file")
+    check_features(cfg, cfg.fid.features, "fid.features")
+    check_writable(out, "--out")
+    from ddp_diffusion.fid import reference_file
+
+    print(reference_file(cfg, out))
+    return 0
 
 
 def registered_choices() -> str:
@@ -258,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, help="DDIM eta (default: config sample.eta)")
     p.add_argument("--features", choices=("fashion", "inception"))
     p.add_argument("--reference", choices=("train", "test"), help="real split")
+    p.add_argument("--ref-stats", "--ref", dest="ref_stats", metavar="STATS.npz",
+                   help="real statistics (mu, sigma) to compare with instead of the split's: "
+                        "published ones, or written by fid-ref")
     p.add_argument("--inception-weights",
                    help="local weights-inception-2015-12-05-6726825d.pth (default: the torch "
                         "hub cache; the checkpoint's fid.inception_weights is not used)")
@@ -276,6 +296,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="EMA weights (default; --no-ema: the raw ones)")
     p.add_argument("--out", help="also write the JSON result here")
     p.set_defaults(func=_fid)
+
+    p = sub.add_parser(
+        "fid-ref", help="write the real statistics fid compares with as an .npz (mu, sigma)",
+        description="The real images' statistics (mu, sigma, num_samples), in the layout of "
+                    "pytorch-fid and the ADM suite, for `fid --ref-stats`: the data, split "
+                    "(fid.reference), features (fid.features, fid.inception_weights) and size "
+                    "(model.image_size) from --config and overrides, e.g. "
+                    "fid.features=inception fid.reference=test")
+    p.add_argument("--config", help="YAML config (defaults when omitted)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--out", required=True, help="the .npz to write")
+    p.set_defaults(func=_fid_ref)
 
     p = sub.add_parser(
         "submit", help="submit training to SLURM through submitit (requeues on preemption)",

@@ -119,6 +119,8 @@ class FidConfig:
     features: Literal["fashion", "inception"] = "fashion"  # inception: torchmetrics 2048-d
     reference: Literal["train", "test"] = "train"  # real images: train (60k) or test (10k)
     inception_weights: str | None = None  # local weights-inception-2015-12-05-6726825d.pth
+    # real statistics (mu, sigma) in an .npz, e.g. published ones, instead of `reference`'s
+    ref_stats: str | None = None
     batch_size: int = 250  # images per generation chunk; the sample set depends on it
 
 
@@ -396,6 +398,9 @@ def check_fid(f: FidConfig, diffusion_steps: int, prefix: str = "fid.") -> None:
     _check_sampler(prefix, f.steps, f.guidance, diffusion_steps)
     check_at_least(_name(prefix, "num_samples"), f.num_samples, 2)
     check_at_least(_name(prefix, "batch_size"), f.batch_size, 1)
+    check(f.ref_stats is None or f.ref_stats.endswith(".npz"),
+          f"{_name(prefix, 'ref_stats')}={f.ref_stats}: name an .npz file of mu and sigma "
+          "(ddp-diffusion fid-ref writes one)")
 
 
 def has_fashion_classifier(cfg: Config) -> bool:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -220,6 +221,74 @@ def reference_stats(extractor: nn.Module, data: DataConfig, split: str, image_si
     return Reference(states, path, cached=False)
 
 
+def mean_and_cov(states: dict[str, Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    """mu and sigma (float64) of a metric's real statistics, as torchmetrics' compute() forms
+    them: sigma with the n - 1 denominator (numpy.cov's)."""
+    n = states["real_features_num_samples"].double()
+    mu = states["real_features_sum"].double() / n
+    sigma = (states["real_features_cov_sum"].double() - n * torch.outer(mu, mu)) / (n - 1)
+    return mu.numpy(), sigma.numpy()
+
+
+def write_stats(path: Path, ref: Reference, about: dict[str, str | int]) -> Path:
+    """Real statistics as an .npz of mu, sigma (pytorch-fid's and the ADM suite's names) and
+    num_samples, with `about` (features, dataset, ...) as strings beside them."""
+    mu, sigma = mean_and_cov(ref.states)
+    arrays = {"mu": mu, "sigma": sigma, "num_samples": np.int64(ref.num_samples),
+              **{k: np.str_(v) for k, v in about.items()}}
+    return files.write_atomic(path, lambda f: np.savez(f, **arrays))
+
+
+def reference_file(cfg: Config, out: Path) -> str:
+    """Write the real statistics of cfg's data (split fid.reference, features fid.features, at
+    model.image_size) to an .npz (write_stats); what was written, in words."""
+    fc = cfg.fid
+    extractor = build_extractor(fc.features, fc.inception_weights)
+    ref = reference_stats(extractor, cfg.data, fc.reference, cfg.model.image_size)
+    write_stats(out, ref, {"features": fc.features, "dataset": cfg.data.dataset,
+                           "split": fc.reference, "image_size": cfg.model.image_size,
+                           "extractor_sha256": checksum(extractor)})
+    return (f"wrote {out}: mu and sigma of {ref.num_samples} {cfg.data.dataset} {fc.reference} "
+            f"images at {cfg.model.image_size}x{cfg.model.image_size}, {fc.features} features "
+            f"({extractor.num_features}-d)")
+
+
+def read_stats(path: Path, features: str, num_features: int) -> Reference:
+    """Real statistics from an .npz of mu and sigma (ours, pytorch-fid's, the ADM suite's), as
+    the states of a metric whose compute() gives back that mu and sigma. Without num_samples
+    any n > 1 does: n only scales what compute() divides out again."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            found = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise UserError(f"--ref-stats {path} cannot be read as an .npz ({e})") from None
+    mu, sigma = found.get("mu"), found.get("sigma")
+    if mu is None or sigma is None:
+        raise UserError(f"--ref-stats {path} has no mu and sigma (it holds "
+                        f"{', '.join(sorted(found)) or 'nothing'}); write one with "
+                        "ddp-diffusion fid-ref")
+    if mu.shape != (num_features,) or sigma.shape != (num_features, num_features):
+        raise UserError(f"--ref-stats {path} holds {mu.shape[0] if mu.ndim == 1 else mu.shape}-d "
+                        f"statistics, but features {features} are {num_features}-d: use the "
+                        f"features it was made with")
+    if "features" in found and str(found["features"]) != features:
+        raise UserError(f"--ref-stats {path} was made with features {found['features']}, not "
+                        f"{features}: use --features {found['features']}")
+    n = torch.tensor(float(found.get("num_samples", 2)), dtype=torch.float64)
+    mu_t, sigma_t = torch.from_numpy(mu).double(), torch.from_numpy(sigma).double()
+    states = {"real_features_sum": mu_t * n,
+              "real_features_cov_sum": sigma_t * (n - 1) + n * torch.outer(mu_t, mu_t),
+              "real_features_num_samples": n.long()}
+    return Reference(states, path, cached=True)
+
+
+def load_reference(extractor: nn.Module, cfg: Config, fc: FidConfig) -> Reference:
+    """The real statistics FID compares with: fc.ref_stats, or those of the run's data."""
+    if fc.ref_stats:
+        return read_stats(Path(fc.ref_stats), fc.features, extractor.num_features)
+    return reference_stats(extractor, cfg.data, fc.reference, cfg.model.image_size)
+
+
 def set_reference(metric: FrechetInceptionDistance, states: dict[str, Tensor]) -> None:
     """Put real statistics into a metric (only on rank 0: compute() sums them over ranks)."""
     for k in REAL_STATES:
@@ -232,8 +301,7 @@ def real_fid(cfg: Config, fc: FidConfig, split: str) -> dict[str, Any]:
     count and with these features, which a model's FID is to be read against."""
     extractor = build_extractor(fc.features, fc.inception_weights)
     metric = new_metric(extractor, sync=False)
-    set_reference(metric, reference_stats(extractor, cfg.data, fc.reference,
-                                          cfg.model.image_size).states)
+    set_reference(metric, load_reference(extractor, cfg, fc).states)
     source = open_source(cfg.data, cfg.model.image_size, cfg.data.num_workers,
                          train=split == "train")
     if len(source) < fc.num_samples:
@@ -247,12 +315,13 @@ def real_fid(cfg: Config, fc: FidConfig, split: str) -> dict[str, Any]:
             seen += len(images)
             if seen == fc.num_samples:
                 break
-    return {"fid": float(metric.compute()), "split": split, "reference": fc.reference,
+    return {"fid": float(metric.compute()), "split": split,
+            "reference": fc.ref_stats or fc.reference,
             "num_samples": seen, "features": fc.features}
 
 
-def local_paths(cfg: Config, data_root: str, data_path: str | None,
-                inception: str | None) -> Config:
+def local_paths(cfg: Config, data_root: str, data_path: str | None, inception: str | None,
+                ref_stats: str | None) -> Config:
     """A checkpoint's config with every path replaced by the fid command's flags or defaults
     (see the module docstring), and one log line naming those of the checkpoint not used."""
     default = DataConfig()
@@ -262,13 +331,14 @@ def local_paths(cfg: Config, data_root: str, data_path: str | None,
                         "are not used)")
     data = dataclasses.replace(cfg.data, root=data_root, path=data_path,
                                debian_dir=default.debian_dir, download=default.download)
-    fc = dataclasses.replace(cfg.fid, inception_weights=inception)
+    fc = dataclasses.replace(cfg.fid, inception_weights=inception, ref_stats=ref_stats)
     local = dataclasses.replace(cfg, data=data, fid=fc)
     unused = [f"{key}={value}" for key, value, used in (
         ("data.root", cfg.data.root, data.root), ("data.path", cfg.data.path, data.path),
         ("data.debian_dir", cfg.data.debian_dir, data.debian_dir),
         ("data.download", cfg.data.download, data.download),
-        ("fid.inception_weights", cfg.fid.inception_weights, fc.inception_weights))
+        ("fid.inception_weights", cfg.fid.inception_weights, fc.inception_weights),
+        ("fid.ref_stats", cfg.fid.ref_stats, fc.ref_stats))
         if value != used]
     if unused:
         log.info("not used from the checkpoint's config: %s (fid reads and writes only where "
@@ -295,7 +365,7 @@ def evaluate(denoiser: ConditionalDenoiser, diffusion: Diffusion, cfg: Config, f
     metric = new_metric(extractor)
     ref = None
     if rank == 0:
-        ref = reference_stats(extractor, cfg.data, fc.reference, cfg.model.image_size)
+        ref = load_reference(extractor, cfg, fc)
         set_reference(metric, ref.states)
 
     t0 = time.perf_counter()
@@ -321,7 +391,8 @@ def evaluate(denoiser: ConditionalDenoiser, diffusion: Diffusion, cfg: Config, f
     joined = "".join(all_digests[c] for c in sorted(all_digests))
     return {
         "fid": fid, **({"class_accuracy": float(counts[0] / counts[1])} if classifier else {}),
-        "num_samples": fc.num_samples, "features": fc.features, "reference": fc.reference,
+        "num_samples": fc.num_samples, "features": fc.features,
+        "reference": fc.ref_stats or fc.reference,
         "dataset": cfg.data.dataset,
         "reference_samples": ref.num_samples if ref else None,
         "reference_cached": ref.cached if ref else None,
