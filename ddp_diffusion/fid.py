@@ -21,12 +21,14 @@ checkpoint and writes --out.)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
 import logging
 import pickle
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,7 @@ from ddp_diffusion.config import (
 from ddp_diffusion.diffusion import ConditionalDenoiser, Diffusion
 from ddp_diffusion.errors import UserError
 from ddp_diffusion.sample import SampleSet
+from ddp_diffusion.seeds import derive_seed
 from ddp_diffusion.sources import open_source
 
 log = logging.getLogger("ddp_diffusion")
@@ -57,6 +60,11 @@ log = logging.getLogger("ddp_diffusion")
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  + INCEPTION_FILE)
+# What evaluate() measures (training logs these to metrics.jsonl and W&B).
+METRICS = ("fid", "class_accuracy", "kid", "kid_std", "precision", "recall")
+REAL_FEATURES = "real_features"  # kept with the statistics: KID and precision/recall need them
+REAL_KEPT = 50_000  # at most this many real images' features (a seeded random subset)
+KID_SUBSETS, KID_SUBSET = 100, 1000  # torch-fidelity's defaults
 REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
 
 
@@ -201,7 +209,7 @@ def reference_stats(extractor: nn.Module, data: DataConfig, split: str, image_si
         raise UserError(f"unknown FID reference {split!r}; use train or test")
     source = open_source(data, image_size, data.num_workers, train=split == "train")
     key = hashlib.sha256(f"{source.dataset}:{split}:{source.fingerprint}:{source.content}:"
-                         f"{image_size}:{checksum(extractor)}".encode()).hexdigest()
+                         f"{image_size}:{checksum(extractor)}:features".encode()).hexdigest()
     path = Path(data.root) / "fid_reference" / f"{source.dataset}-{split}-{key[:24]}.pt"
     if path.is_file():
         try:
@@ -210,15 +218,60 @@ def reference_stats(extractor: nn.Module, data: DataConfig, split: str, image_si
         except (pickle.UnpicklingError, RuntimeError, EOFError):
             log.warning("FID reference cache %s is unreadable; recomputing it", path)
     metric = new_metric(extractor)
-    with torch.no_grad():
+    rows, kept, seen = real_rows(len(source)), None, 0
+    with torch.no_grad(), captured_features(extractor) as features:
         for images in source.batches(batch_size, data.num_workers):
             metric.update(images.to(metric.device), real=True)
+            batch, at = features.pop(), rows[seen:seen + len(images)]
+            if kept is None:
+                kept = torch.empty(min(len(source), REAL_KEPT), batch.shape[1])
+            kept[at[at < len(kept)]] = batch[at < len(kept)]
+            seen += len(images)
     states = {k: getattr(metric, k).cpu() for k in REAL_STATES}
+    states[REAL_FEATURES] = kept
     # Whole or not at all: concurrent runs never read half a file.
     files.write_atomic(path, lambda f: torch.save(states, f))
     log.info("FID reference statistics of %d %s %s images cached in %s", len(source),
              source.dataset, split, path)
     return Reference(states, path, cached=False)
+
+
+def real_rows(n: int) -> Tensor:
+    """Where each of n real images' features go in the stored REAL_FEATURES: a seeded random
+    order, so that any prefix is a random subset; images at REAL_KEPT or beyond are not kept."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(0, "fid-real")))
+    return torch.empty(n, dtype=torch.long).index_copy_(0, order, torch.arange(n))
+
+
+@contextlib.contextmanager
+def captured_features(extractor: nn.Module) -> Iterator[list[Tensor]]:
+    """The features the extractor computes for the metric (float32, on the CPU), appended to a
+    list as it runs: FID's torchmetrics update() computes them once for all the metrics."""
+    out: list[Tensor] = []
+    hook = extractor.register_forward_hook(
+        lambda _module, _inputs, features: out.append(features.detach().float().cpu()))
+    try:
+        yield out
+    finally:
+        hook.remove()
+
+
+def kid_and_precision_recall(generated: Tensor, real: Tensor, seed: int) -> dict[str, float]:
+    """KID (the mean of torch-fidelity's unbiased MMD^2 over 100 subsets of up to 1000, with
+    the standard deviation over subsets) and precision and recall (Kynkäänniemi et al. 2019,
+    3 nearest neighbours, torch-fidelity) of generated against real features. Precision and
+    recall compare equal numbers: the first len(generated) real ones (a random subset)."""
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    size = min(KID_SUBSET, len(generated), len(real))
+    kid = kid_features_to_metric(generated, real, kid_subsets=KID_SUBSETS,
+                                 kid_subset_size=size, rng_seed=seed % 2**32, verbose=False)
+    prc = prc_features_to_metric(generated, real[:len(generated)], prc_neighborhood=3,
+                                 prc_batch_size=10000, save_cpu_ram=True, verbose=False)
+    return {"kid": kid["kernel_inception_distance_mean"],
+            "kid_std": kid["kernel_inception_distance_std"],
+            "precision": prc["precision"], "recall": prc["recall"]}
 
 
 def mean_and_cov(states: dict[str, Tensor]) -> tuple[np.ndarray, np.ndarray]:
@@ -370,15 +423,16 @@ def evaluate(denoiser: ConditionalDenoiser, diffusion: Diffusion, cfg: Config, f
 
     t0 = time.perf_counter()
     counts = torch.zeros(2, dtype=torch.float64, device=device)  # correct, total
-    digests: dict[int, str] = {}
+    chunks: dict[int, tuple[str, Tensor]] = {}  # digest of the pixels, features
     samples = SampleSet(fc.num_samples, fc.batch_size, tuple(range(cfg.model.num_classes)),
                         fc.sampler, fc.steps, fc.guidance, cfg.sample.eta, seed, precision)
     for chunk in range(rank, samples.num_chunks, world):
         labels, pixels = samples.pixels(denoiser, diffusion, chunk, cfg.model.image_size,
                                         cfg.model.in_channels)
-        digests[chunk] = hashlib.sha256(pixels.cpu().numpy().tobytes()).hexdigest()
-        with torch.no_grad():
+        with torch.no_grad(), captured_features(extractor) as features:
             metric.update(pixels, real=False)
+            chunks[chunk] = (hashlib.sha256(pixels.cpu().numpy().tobytes()).hexdigest(),
+                             features[0])
             if classifier is not None:
                 counts += torch.stack([(classifier(pixels).argmax(1) == labels).sum().double(),
                                        torch.tensor(len(labels), dtype=torch.float64,
@@ -387,10 +441,17 @@ def evaluate(denoiser: ConditionalDenoiser, diffusion: Diffusion, cfg: Config, f
     counts = distributed.sum_across_ranks(counts)  # all ranks finished generating here
     gen_s = time.perf_counter() - t0
     fid = float(metric.compute())  # a collective: sums the statistics over ranks
-    all_digests = {k: v for d in distributed.all_gather_objects(digests) for k, v in d.items()}
-    joined = "".join(all_digests[c] for c in sorted(all_digests))
+    gathered = {k: v for d in distributed.all_gather_objects(chunks) for k, v in d.items()}
+    joined = "".join(gathered[c][0] for c in sorted(gathered))
+    more = None  # KID and precision/recall: on rank 0, from the real features it holds
+    if ref is not None and REAL_FEATURES in ref.states:
+        generated = torch.cat([gathered[c][1] for c in sorted(gathered)])
+        more = kid_and_precision_recall(generated, ref.states[REAL_FEATURES],
+                                        derive_seed(seed, "kid"))
+    more = distributed.broadcast_object(more) or {}
     return {
         "fid": fid, **({"class_accuracy": float(counts[0] / counts[1])} if classifier else {}),
+        **more,
         "num_samples": fc.num_samples, "features": fc.features,
         "reference": fc.ref_stats or fc.reference,
         "dataset": cfg.data.dataset,
@@ -398,7 +459,7 @@ def evaluate(denoiser: ConditionalDenoiser, diffusion: Diffusion, cfg: Config, f
         "reference_cached": ref.cached if ref else None,
         "sampler": fc.sampler, "steps": fc.steps, "guidance": fc.guidance,
         "eta": cfg.sample.eta, "seed": seed, "batch_size": fc.batch_size, "world_size": world,
-        "precision": precision, "samples_per_s": fc.num_samples / gen_s,
+        "sampling_precision": precision, "samples_per_s": fc.num_samples / gen_s,
         "wall_s": time.perf_counter() - start,
         "samples_sha256": hashlib.sha256(joined.encode()).hexdigest(),
     }

@@ -431,11 +431,11 @@ class Evaluator:
                              Path(cfg.out_dir) / rundir.SAMPLES / f"step-{step:08d}.png")
             self.tracker.log_image(step, "samples", path)
         if self._fid_due(step):
-            from ddp_diffusion.fid import evaluate  # all ranks: compute() is a collective
+            from ddp_diffusion.fid import METRICS, evaluate  # all ranks: a collective
 
             fid = evaluate(self.ema.module, self.diffusion, cfg, cfg.fid, cfg.seed,
                            self.precision)
-            self.tracker.log(step, {k: fid[k] for k in ("fid", "class_accuracy") if k in fid})
+            self.tracker.log(step, {k: fid[k] for k in METRICS if k in fid})
         return self.due(step)
 
 

@@ -192,6 +192,32 @@ def test_fid_cli_writes_json_and_in_training_fid_is_logged(trained_run: Path,
     assert other["fid"] != result["fid"]
 
 
+MORE = ("kid", "kid_std", "precision", "recall")
+
+
+def test_kid_and_precision_recall_of_a_set_against_itself_and_a_shifted_copy() -> None:
+    """A set against itself: every point lies in its own neighbourhood (precision = recall =
+    1); against another draw of the same distribution KID (unbiased MMD^2) is near zero. Against
+    a copy moved far away: no point in the other set's neighbourhoods (0 and 0) and a large
+    KID; moved by a little: in between."""
+    torch.manual_seed(0)
+    a, other_draw = torch.randn(2000, 16), torch.randn(2000, 16)
+    same = fid.kid_and_precision_recall(a, a, seed=1)
+    assert (same["precision"], same["recall"]) == (1.0, 1.0)
+    far = fid.kid_and_precision_recall(a + 10, a, seed=1)
+    assert (far["precision"], far["recall"]) == (0.0, 0.0)
+    near = fid.kid_and_precision_recall(a + 1, a, seed=1)
+    assert 0 < near["precision"] < 1 and 0 < near["recall"] < 1
+    drawn = fid.kid_and_precision_recall(other_draw, a, seed=1)
+    assert abs(drawn["kid"]) < near["kid"] / 20 and near["kid"] < far["kid"] / 20
+    assert 0 < drawn["kid_std"] < near["kid"]  # 100 random subsets of 1000: a spread
+    # precision and recall swap when the sets do (a's neighbourhoods vs b's)
+    b = torch.randn(2000, 16) * 1.5
+    ab, ba = (fid.kid_and_precision_recall(x, y, seed=1) for x, y in ((a, b), (b, a)))
+    assert (ab["precision"], ab["recall"]) == (ba["recall"], ba["precision"])
+    assert ab["precision"] > 0.9 > ab["recall"]  # a wider b covers a, not the reverse
+
+
 @pytest.mark.slow
 def test_same_samples_and_fid_for_world_size_1_and_2(trained_run: Path,
                                                      fid_args: list[str]) -> None:
@@ -203,6 +229,8 @@ def test_same_samples_and_fid_for_world_size_1_and_2(trained_run: Path,
     assert two["class_accuracy"] == one["class_accuracy"]
     # Statistics summed in another order: float64 rounding, then FID is returned as float32.
     assert two["fid"] == pytest.approx(one["fid"], rel=1e-5)
+    # KID and precision/recall: from the same features of the same chunks, gathered in order
+    assert {k: two[k] for k in MORE} == {k: one[k] for k in MORE}
 
 
 @pytest.mark.slow
@@ -219,6 +247,7 @@ def test_3_ranks_with_fewer_or_uneven_chunks_give_the_one_rank_result(trained_ru
     assert three["samples_sha256"] == one["samples_sha256"]
     assert three["class_accuracy"] == one["class_accuracy"]
     assert three["fid"] == pytest.approx(one["fid"], rel=1e-5)
+    assert {k: three[k] for k in MORE} == {k: one[k] for k in MORE}
 
 
 @pytest.mark.slow
@@ -237,6 +266,9 @@ def test_in_training_fid_on_more_ranks_than_chunks_equals_the_fid_command(tiny_d
     assert logged["step"] == again["step"] == 5
     assert logged["fid"] == pytest.approx(again["fid"], rel=1e-5)
     assert logged["class_accuracy"] == again["class_accuracy"]
+    assert (logged["precision"], logged["recall"]) == (again["precision"], again["recall"])
+    assert logged["kid"] == pytest.approx(again["kid"], rel=1e-5)
+    assert logged["kid_std"] == pytest.approx(again["kid_std"], rel=1e-5)
 
 
 @pytest.mark.slow
