@@ -6,14 +6,9 @@
 demo: setup
 	bash scripts/demo.sh $(DEMO_ARGS)
 
-# The suite runs in TEST_WORKERS processes, each test file whole in one of them (its fixtures
-# are built once, and the dev SLURM cluster has one user). Its tests wait on subprocesses and
-# signals much of the time: 2 workers on 2 cores take about 40% less time than 1.
-TEST_WORKERS ?= 2
-
 test: setup-test
 	.venv/bin/ruff check .
-	.venv/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile
+	.venv/bin/pytest -q
 
 setup:
 	bash scripts/setup.sh
