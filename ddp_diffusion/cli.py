@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from ddp_diffusion import submit_options
 from ddp_diffusion.config import (
@@ -69,6 +70,18 @@ def _overrides(args: argparse.Namespace, flags: tuple[str, ...]) -> dict[str, ob
     return {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
 
 
+def _sampling(args: argparse.Namespace, device: Any) -> tuple[Any, list[int], Any]:
+    """The run (on `device`), the classes and the sample settings the sample flags ask for."""
+    from ddp_diffusion.runs import load_run
+    from ddp_diffusion.sample import parse_classes
+
+    run = load_run(Path(args.run), args.checkpoint and Path(args.checkpoint), args.ema, device)
+    classes = parse_classes(args.classes, run.class_names)
+    s = dataclasses.replace(run.cfg.sample, **_overrides(args, SAMPLE_FLAGS))
+    check_sample(s, run.diffusion.num_timesteps, prefix="--")
+    return run, classes, s
+
+
 def _sample(args: argparse.Namespace) -> int:
     from PIL import Image
 
@@ -88,15 +101,11 @@ def _sample(args: argparse.Namespace) -> int:
     check_writable(out, "--out")
     import torch
 
-    from ddp_diffusion.runs import load_run
-    from ddp_diffusion.sample import check_grid, generate_grid, parse_classes
+    from ddp_diffusion.sample import check_grid, generate_grid
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    run = load_run(Path(args.run), args.checkpoint and Path(args.checkpoint), args.ema, device)
-    classes = parse_classes(args.classes, run.class_names)
+    run, classes, s = _sampling(args, device)
     m = run.cfg.model
-    s = dataclasses.replace(run.cfg.sample, **_overrides(args, SAMPLE_FLAGS))
-    check_sample(s, run.diffusion.num_timesteps, prefix="--")
     check_grid(len(classes), s.per_class, m.image_size, out)
     logging.getLogger("ddp_diffusion").info(
         "sampling %d images (%s, %d steps) from step %d", len(classes) * s.per_class, s.sampler,
@@ -126,19 +135,14 @@ def _export(args: argparse.Namespace) -> int:
                                                     ".npz file use --out-npz)")
     from ddp_diffusion import distributed
     from ddp_diffusion.export import export
-    from ddp_diffusion.runs import load_run
-    from ddp_diffusion.sample import SampleSet, parse_classes
+    from ddp_diffusion.sample import SampleSet
 
     env = distributed.init()
     try:
         if args.out_npz:  # only rank 0 writes it
             distributed.run_on_main(env.is_main, lambda: check_writable(out, "--out-npz"))
-        run = load_run(Path(args.run), args.checkpoint and Path(args.checkpoint), args.ema,
-                       env.device)
-        classes = tuple(parse_classes(args.classes, run.class_names))
-        s = dataclasses.replace(run.cfg.sample, **_overrides(args, SAMPLE_FLAGS))
-        check_sample(s, run.diffusion.num_timesteps, prefix="--")
-        samples = SampleSet(args.num_samples, args.batch_size, classes, s.sampler, s.steps,
+        run, classes, s = _sampling(args, env.device)
+        samples = SampleSet(args.num_samples, args.batch_size, tuple(classes), s.sampler, s.steps,
                             s.guidance, s.eta, args.seed, args.precision)
         identity = {"run": str(Path(args.run).resolve()), "step": run.step,
                     "ema": run.cfg.sample.use_ema if args.ema is None else args.ema}

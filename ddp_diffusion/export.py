@@ -45,10 +45,19 @@ def png_name(index: int) -> str:
     return f"{index:06d}.png"
 
 
-def claim(out: Path, settings: dict[str, Any]) -> int:
-    """Make the work folder ours for these settings (rank 0); how many of its chunk files are
-    there already. Chunks written with other settings, or a folder that is not an export, are
-    refused with one line."""
+def chunk_path(out: Path, chunk: int) -> Path:
+    """An .npz export's file of one chunk."""
+    return work_dir(out) / f"chunk-{chunk:06d}.npy"
+
+
+def all_labels(samples: SampleSet) -> list[int]:
+    """The class of every image of the set, in order."""
+    return torch.cat([samples.labels(c) for c in range(samples.num_chunks)]).tolist()
+
+
+def claim(out: Path, settings: dict[str, Any]) -> None:
+    """Make the work folder ours for these settings (rank 0). Chunks written with other
+    settings, or a folder that is not an export, are refused with one line."""
     work = work_dir(out)
     manifest = work / MANIFEST
     if manifest.is_file():
@@ -59,14 +68,13 @@ def claim(out: Path, settings: dict[str, Any]) -> int:
             raise UserError(f"{work} holds an unfinished export with other settings "
                             f"({'; '.join(changed)}): delete it to start again, or export "
                             "to another path")
-        return sum(1 for _ in work.iterdir()) - 1
+        return
     if work.is_dir() and any(work.iterdir()):
         what = "a finished export" if (work / LABELS).is_file() else "no export of ours"
         raise UserError(f"--out-dir {out} is not empty and holds {what}: name a new or empty "
                         "folder")
     work.mkdir(parents=True, exist_ok=True)
     files.write_text_atomic(manifest, json.dumps(settings, indent=1))
-    return 0
 
 
 def chunk_done(out: Path, samples: SampleSet, chunk: int, shape: tuple[int, ...]) -> bool:
@@ -74,18 +82,18 @@ def chunk_done(out: Path, samples: SampleSet, chunk: int, shape: tuple[int, ...]
     work = work_dir(out)
     if out.suffix != ".npz":
         return all((work / png_name(i)).is_file() for i in samples.indices(chunk))
-    path = work / f"chunk-{chunk:06d}.npy"
     try:
-        return np.load(path, mmap_mode="r").shape == (len(samples.indices(chunk)), *shape)
+        found = np.load(chunk_path(out, chunk), mmap_mode="r").shape
     except (OSError, ValueError):
         return False
+    return found == (len(samples.indices(chunk)), *shape)
 
 
 def write_chunk(out: Path, samples: SampleSet, chunk: int, pixels: np.ndarray) -> None:
     """One chunk's uint8 (n, H, W, C) images: a chunk file, or one PNG each."""
     work = work_dir(out)
     if out.suffix == ".npz":
-        files.write_atomic(work / f"chunk-{chunk:06d}.npy", lambda f: np.save(f, pixels))
+        files.write_atomic(chunk_path(out, chunk), lambda f: np.save(f, pixels))
         return
     for i, image in zip(samples.indices(chunk), pixels, strict=True):
         canvas = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
@@ -94,15 +102,14 @@ def write_chunk(out: Path, samples: SampleSet, chunk: int, pixels: np.ndarray) -
 
 def stream_npz(f: BinaryIO, out: Path, samples: SampleSet, shape: tuple[int, ...]) -> None:
     """arr_0 (all images) and arr_1 (labels) into an .npz, one chunk file in memory at a time."""
-    labels = torch.cat([samples.labels(c) for c in range(samples.num_chunks)]).numpy()
     with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
         with z.open("arr_0.npy", "w", force_zip64=True) as a:
             np.lib.format.write_array_header_1_0(a, {
                 "descr": "|u1", "fortran_order": False, "shape": (samples.num_samples, *shape)})
             for c in range(samples.num_chunks):
-                a.write(np.load(work_dir(out) / f"chunk-{c:06d}.npy").tobytes())
+                a.write(np.load(chunk_path(out, c)).tobytes())
         with z.open("arr_1.npy", "w") as b:
-            np.lib.format.write_array(b, labels.astype(np.int64))
+            np.lib.format.write_array(b, np.array(all_labels(samples), dtype=np.int64))
 
 
 def finish(out: Path, samples: SampleSet, shape: tuple[int, ...]) -> None:
@@ -111,9 +118,8 @@ def finish(out: Path, samples: SampleSet, shape: tuple[int, ...]) -> None:
         files.write_atomic(out, lambda f: stream_npz(f, out, samples, shape))
         shutil.rmtree(work_dir(out))
         return
-    labels = torch.cat([samples.labels(c) for c in range(samples.num_chunks)]).tolist()
     files.write_text_atomic(out / LABELS, json.dumps(
-        {"labels": [[png_name(i), c] for i, c in enumerate(labels)]}))
+        {"labels": [[png_name(i), c] for i, c in enumerate(all_labels(samples))]}))
     (out / MANIFEST).unlink()
 
 
