@@ -32,9 +32,11 @@ READ_TRIES = 3
 READ_RETRY_S = 1.0  # first back-off; doubled after each failed try
 
 # Config sections and keys that must not change when resuming: they define the model, the
-# noise process, or which samples and noise each step sees. Every other key may change and
-# takes effect from the resumed step.
-FROZEN_KEYS = ("model", "diffusion", "seed", "train.batch_size")
+# noise process, or which samples and noise each step sees, or which post-hoc EMAs are tracked
+# (each averages every step since the first: one started or changed later could not be). Every
+# other key may change and takes effect from the resumed step.
+FROZEN_KEYS = ("model", "diffusion", "seed", "train.batch_size", "train.ema_posthoc",
+               "train.ema_posthoc_sigma_rels")
 
 
 class Part:
@@ -47,6 +49,7 @@ class Part:
     GRAD_SCALER = "grad_scaler"
     DATA = "data"  # the data source: its classes, size and fingerprints
     PROGRESS = "progress"  # step, images seen, run id, non-finite steps
+    POSTHOC_EMA = "posthoc_ema"  # the power-function EMAs of train.ema_posthoc, by sigma_rel
 
 
 class Stateful(Protocol):

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ddp_diffusion import files, registry
+from ddp_diffusion import files, posthoc, registry
 from ddp_diffusion.errors import UserError
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -82,6 +82,11 @@ class TrainConfig:
     compile: bool = False
     ema_halflife_kimg: float = 10.0  # EMA half-life in thousands of training images (EDM)
     ema_rampup_ratio: float = 0.05  # half-life never exceeds this fraction of images seen
+    # Post-hoc EMA (EDM2): power-function EMAs of these relative lengths, snapshotted every N
+    # steps to out_dir/posthoc/, from which `ddp-diffusion ema` makes an EMA of any length.
+    ema_posthoc: bool = False
+    ema_posthoc_sigma_rels: list[float] = field(default_factory=lambda: [0.05, 0.10])
+    ema_posthoc_every: int = 500
     log_every: int = 10
     sample_every: int = 500
     ckpt_every: int = 500
@@ -488,11 +493,28 @@ def _validate_train(t: TrainConfig) -> None:
     check(t.ema_halflife_kimg > 0 and math.isfinite(t.ema_halflife_kimg),
           f"train.ema_halflife_kimg={t.ema_halflife_kimg} must be a positive number")
     check_fraction("train.min_lr_ratio", t.min_lr_ratio)
+    check_at_least("train.ema_posthoc_every", t.ema_posthoc_every, 1)
+    check_sigma_rels("train.ema_posthoc_sigma_rels", t.ema_posthoc_sigma_rels)
     check(len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas),
           f"train.adam_betas={t.adam_betas} must be two numbers in [0, 1), e.g. [0.9,0.999]")
     if t.resume not in ("auto", "never"):
         check(Path(t.resume).is_file(), f"train.resume={t.resume}: no such checkpoint file "
                                          "(use auto, never, or the path of a ckpt-*.pt file)")
+
+
+def check_sigma_rel(name: str, value: float) -> None:
+    """A post-hoc EMA length: 0 < sigma_rel <= 1/sqrt(12) (the average of every step)."""
+    check(0 < value <= posthoc.SIGMA_REL_MAX,
+          f"{name}={value} must be in (0, {posthoc.SIGMA_REL_MAX:.4f}] (a relative std of the "
+          "averaging profile; EDM2 tracks 0.05 and 0.10)")
+
+
+def check_sigma_rels(name: str, values: list[float]) -> None:
+    """One or more distinct post-hoc EMA lengths."""
+    check(len(values) > 0 and len(set(values)) == len(values),
+          f"{name}={values} must list one or more different lengths, e.g. [0.05,0.10]")
+    for value in values:
+        check_sigma_rel(name, value)
 
 
 def check_batch(batch_size: int, world_size: int, accum: int) -> int:

@@ -17,6 +17,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import stat
@@ -37,13 +38,29 @@ CONFIG = "config.yaml"
 SAMPLES = "samples"
 WANDB = "wandb"  # made by wandb.init(dir=out_dir)
 SLURM = "slurm"  # submitit's job scripts and logs, unless submit --folder says otherwise
+POSTHOC = "posthoc"  # snapshots of the post-hoc EMAs (train.ema_posthoc): posthoc-<step>.pt
+POSTHOC_NAME = re.compile(r"^posthoc-(\d{8})\.pt$")
 # What makes up a run besides its checkpoints (moved together when a new run starts).
-RUN_FILES = (METRICS, CONFIG, SAMPLES)
+RUN_FILES = (METRICS, CONFIG, SAMPLES, POSTHOC)
 # What the trainer writes in out_dir: folders (which may be the user's own links to another
 # disk) and files (never followed if they are links).
-RUN_FOLDERS = (CHECKPOINTS, SAMPLES, WANDB)
+RUN_FOLDERS = (CHECKPOINTS, SAMPLES, WANDB, POSTHOC)
 PROFILE, TRACE = "profile.txt", "profile_trace.json"
 RUN_FILES_WRITTEN = (LOCK_NAME, METRICS, CONFIG, PROFILE, TRACE)
+
+
+def snapshot_path(out_dir: Path, step: int) -> Path:
+    """The post-hoc EMA snapshot of a step."""
+    return out_dir / POSTHOC / f"posthoc-{step:08d}.pt"
+
+
+def list_snapshots(out_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every post-hoc EMA snapshot of the run, oldest first."""
+    folder = out_dir / POSTHOC
+    if not folder.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in folder.iterdir()
+                  if (m := POSTHOC_NAME.match(p.name)))
 
 
 def _holder_record() -> dict[str, object]:
@@ -198,7 +215,8 @@ def check_layout(out_dir: Path) -> None:
 def remove_stale_temp_files(out_dir: Path) -> list[Path]:
     """Delete the temp files of writes that a killed run left behind (we hold the lock, so no
     write is in flight)."""
-    stale = [p for folder in (out_dir, out_dir / CHECKPOINTS, out_dir / SAMPLES)
+    stale = [p for folder in (out_dir, out_dir / CHECKPOINTS, out_dir / SAMPLES,
+                              out_dir / POSTHOC)
              for p in sorted(folder.glob(f".*{files.TEMP_MARK}*"))]
     for path in stale:
         path.unlink(missing_ok=True)
@@ -220,21 +238,29 @@ def new_archive_dir(out_dir: Path) -> Path:
     return path
 
 
-def move_aside(out_dir: Path, checkpoints: list[Path], whole_run: bool) -> Path | None:
-    """Move checkpoints (and, for a whole run, its metrics, config and grids) to a new archive
-    folder; a metrics.jsonl that stays is copied there too. Returns the folder, if any."""
+def move_aside(out_dir: Path, checkpoints: list[Path], whole_run: bool,
+               snapshots: list[Path] = ()) -> Path | None:
+    """Move checkpoints and post-hoc snapshots (and, for a whole run, its metrics, config, grids
+    and snapshots) to a new archive folder; a metrics.jsonl that stays is copied there too.
+    Returns the folder, if any."""
     run_files = [out_dir / name for name in RUN_FILES if (out_dir / name).exists()]
-    if not checkpoints and not (whole_run and run_files):
+    if not checkpoints and not snapshots and not (whole_run and run_files):
         return None
     dest = new_archive_dir(out_dir)
     (dest / CHECKPOINTS).mkdir()
     for path in checkpoints:
         os.replace(path, dest / CHECKPOINTS / path.name)
+    if snapshots and not whole_run:
+        (dest / POSTHOC).mkdir()
+        for path in snapshots:
+            os.replace(path, dest / POSTHOC / path.name)
     if whole_run:
         for path in run_files:
             os.replace(path, dest / path.name)
     elif (out_dir / METRICS).is_file():
         shutil.copy2(out_dir / METRICS, dest / METRICS)  # the resumed run truncates the live one
     log.warning("moved %d checkpoint(s)%s of an earlier run to %s (nothing is deleted)",
-                len(checkpoints), " and its metrics, config and grids" if whole_run else "", dest)
+                len(checkpoints), " and its metrics, config, grids and post-hoc snapshots"
+                if whole_run else f" and {len(snapshots)} post-hoc snapshot(s)" if snapshots
+                else "", dest)
     return dest

@@ -46,6 +46,7 @@ from ddp_diffusion.errors import (
 )
 from ddp_diffusion.model import activation_bytes, count_parameters, forward_gflops
 from ddp_diffusion.nonfinite import NonFiniteSteps
+from ddp_diffusion.posthoc import power_beta, sigma_rel_to_gamma
 from ddp_diffusion.precision import autocast, bf16_is_fast, resolve_precision
 from ddp_diffusion.sample import generate, save_grid
 from ddp_diffusion.sources import open_source
@@ -178,7 +179,11 @@ def prepare_run_dir(cfg: Config, lock: rundir.RunLock) -> tuple[ResumePlan, Trac
                                                      saved.get("step", 0))
     # W&B starts (or fails with one line) before anything of an earlier run is moved.
     tracker = Tracker(cfg, saved.get("run_id") or new_run_id(), active=True)
-    rundir.move_aside(out_dir, plan.move_aside, plan.new_run)
+    # Post-hoc snapshots past the resumed step are of steps this run trains again (or, from an
+    # older checkpoint, of another lineage): archived, so no reconstruction mixes the two.
+    newer = [] if plan.new_run else [p for s, p in rundir.list_snapshots(out_dir)
+                                     if s > saved.get("step", 0)]
+    rundir.move_aside(out_dir, plan.move_aside, plan.new_run, newer)
     config.save(cfg, out_dir / rundir.CONFIG)
     if metrics is not None:
         files.write_text_atomic(out_dir / rundir.METRICS, metrics)
@@ -350,6 +355,51 @@ class Checkpointer:
         if path is not None:
             log.info("step %d: checkpoint %s", step, path)
         return True
+
+
+class PosthocEMA:
+    """The power-function EMAs of train.ema_posthoc, one per train.ema_posthoc_sigma_rels (fp32,
+    updated on the device after every step, skipping non-finite ones as the EMA does), and their
+    snapshots, written to out_dir/posthoc/ every train.ema_posthoc_every steps and at the last.
+    A checkpointed part (`posthoc_ema`) when enabled; otherwise it holds nothing and is never
+    due."""
+
+    def __init__(self, model: nn.Module, cfg: Config, env: DistEnv) -> None:
+        self.tc, self.env, self.out_dir = cfg.train, env, Path(cfg.out_dir)
+        self.sigma_rels = list(self.tc.ema_posthoc_sigma_rels) if self.tc.ema_posthoc else []
+        self.gammas = [sigma_rel_to_gamma(s) for s in self.sigma_rels]
+        self.emas = [EMA(model) for _ in self.sigma_rels]
+
+    def update(self, model: nn.Module, step: int, skip: Tensor) -> None:
+        """After optimizer step `step` (1, 2, ...): ema <- beta_t ema + (1 - beta_t) model."""
+        for gamma, ema in zip(self.gammas, self.emas, strict=True):
+            ema.update(model, power_beta(step, gamma), skip)
+
+    def due(self, step: int) -> bool:
+        return bool(self.emas) and due(step, self.tc.ema_posthoc_every, self.tc.max_steps)
+
+    def snapshot(self, step: int) -> dict[str, Any]:
+        """What a snapshot file holds: tensors and plain values only (a weights_only load)."""
+        return {"step": step, "sigma_rels": self.sigma_rels, "gammas": self.gammas,
+                "emas": [{k: v.cpu() for k, v in ema.state_dict().items()}
+                         for ema in self.emas]}
+
+    def write(self, step: int) -> None:
+        """Rank 0 writes the snapshot of `step` whole (every rank learns if that failed)."""
+        path = rundir.snapshot_path(self.out_dir, step)
+        distributed.run_on_main(self.env.is_main, lambda: files.write_atomic(
+            path, lambda f: torch.save(self.snapshot(step), f)))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {repr(s): ema.state_dict() for s, ema in zip(self.sigma_rels, self.emas,
+                                                             strict=True)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if list(state) != [repr(s) for s in self.sigma_rels]:
+            raise UserError(f"the checkpoint's post-hoc EMAs are of sigma_rel {list(state)}, "
+                            f"not train.ema_posthoc_sigma_rels={self.sigma_rels}")
+        for s, ema in zip(self.sigma_rels, self.emas, strict=True):
+            ema.load_state_dict(state[repr(s)])
 
 
 class MetricsLog:
@@ -533,17 +583,22 @@ class Trainer:
         if tc.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.ema = EMA(model)
+        self.posthoc = PosthocEMA(model, cfg, env)
         # Fused: one kernel for all parameters, and it skips a non-finite step on the device.
         self.opt = torch.optim.AdamW(model.parameters(), lr=learning_rate(tc, 0),
                                      betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay,
                                      fused=True)
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
         self.progress = Progress(run_id=tracker.run_id)
-        manager = CheckpointManager(Path(cfg.out_dir) / rundir.CHECKPOINTS, {
+        states: dict[str, checkpoint.Stateful] = {
             Part.MODEL: model, Part.EMA: self.ema, Part.OPTIMIZER: OptimizerState(self.opt),
             Part.GRAD_SCALER: ScalerState(self.scaler), Part.DATA: source,
             Part.PROGRESS: self.progress,
-        }, tc.keep_last, tc.milestone_every)
+        }
+        if tc.ema_posthoc:  # frozen on resume: the checkpoint has this part exactly when on
+            states[Part.POSTHOC_EMA] = self.posthoc
+        manager = CheckpointManager(Path(cfg.out_dir) / rundir.CHECKPOINTS, states,
+                                    tc.keep_last, tc.milestone_every)
         if state is not None:
             manager.restore(state, resume_path)
             log_resume(state, resume_path, cfg, env)
@@ -584,6 +639,7 @@ class Trainer:
         self.ema_beta = ema_beta(tc.batch_size, p.images_seen, tc.ema_halflife_kimg,
                                  tc.ema_rampup_ratio)
         self.ema.update(self.model, self.ema_beta, skip)
+        self.posthoc.update(self.model, p.step, skip)
         self.opt.zero_grad(set_to_none=True)
         if self.profiler is not None:
             self.profiler.step()
@@ -599,7 +655,7 @@ class Trainer:
                 self.metrics.add(*self.train_one_step())
                 step = p.step
                 if not any(c.due(step) for c in (self.sync, self.metrics, self.ckpt,
-                                                 self.evaluator)):
+                                                 self.evaluator, self.posthoc)):
                     continue  # the host did not wait for the device
 
                 stop_now, time_up = self.sync.check(step)
@@ -608,6 +664,8 @@ class Trainer:
                         "lr": self.opt.param_groups[0]["lr"], "ema_beta": self.ema_beta,
                         "images_seen": p.images_seen, "nonfinite_total": p.nonfinite_total,
                     }, self.loader.take_wait())
+                if self.posthoc.due(step):  # before a stop: the resumed run starts after it
+                    self.posthoc.write(step)
                 saved = (stop_now or time_up or self.ckpt.due(step)) and self.ckpt.save(step)
                 if stop_now:
                     return self.sync.stopped(step, saved)

@@ -1,16 +1,32 @@
 """Post-hoc EMA (EDM2): the power-function EMA against its averaging profile, reconstruction from
-snapshots against EMAs tracked directly."""
+snapshots against EMAs tracked directly, training that snapshots and resumes bit for bit."""
 
 from __future__ import annotations
 
 import copy
 import math
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import (
+    REPO,
+    TINY,
+    TINY_MODEL,
+    assert_same_run,
+    cli_env,
+    final_state,
+    run_cli,
+    wait_for_step,
+)
 
-from ddp_diffusion import posthoc
+from ddp_diffusion import checkpoint, posthoc
+from ddp_diffusion.checkpoint import Part
+from ddp_diffusion.diffusion import build_denoiser
 from ddp_diffusion.ema import EMA
 
 # ------------------------------------------------------------------------------------ the math
@@ -136,3 +152,82 @@ def test_reconstruct_keeps_equal_buffers_and_the_dtype() -> None:
     assert torch.equal(out["buf"], a["buf"]) and torch.equal(out["n"], a["n"])
     torch.testing.assert_close(out["w"], torch.tensor([0.7 + 0.93, 1.4 + 1.86]))
     assert out["w"].dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------------ training
+
+POSTHOC = ("train.ema_posthoc=true", "train.ema_posthoc_every=3")
+
+
+def train_args(tiny_data: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    return ["train", *TINY, f"data.root={tiny_data}", f"out_dir={out}",
+            f"train.max_steps={steps}", "train.log_every=1", "train.warmup_steps=3",
+            "model.dropout=0.1", "train.lr_schedule=cosine", "train.min_lr_ratio=0.1",
+            *POSTHOC, *extra]
+
+
+def snapshot_files(run: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((run / "posthoc").iterdir())}
+
+
+def test_training_tracks_power_emas_and_resumes_bitwise_after_sigterm(tiny_data: Path,
+                                                                      tmp_path: Path) -> None:
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    # Every step's checkpoint kept: the weights the EMAs averaged, to replay them here.
+    run_cli(*train_args(tiny_data, straight, 12, "train.ckpt_every=1", "train.keep_last=0"))
+    proc = subprocess.Popen([sys.executable, "-m", "ddp_diffusion",
+                             *train_args(tiny_data, stopped, 12, "train.ckpt_every=1000")],
+                            cwd=REPO, env=cli_env(), stderr=subprocess.PIPE, text=True)
+    wait_for_step(stopped / "metrics.jsonl", 4, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-3000:]
+    (stopped_at, _), = checkpoint.list_checkpoints(stopped / "checkpoints")
+    assert 4 <= stopped_at < 12
+    assert sorted(snapshot_files(stopped)) == [f"posthoc-{s:08d}.pt"
+                                               for s in range(3, stopped_at + 1, 3)]
+    run_cli(*train_args(tiny_data, stopped, 12, "train.ckpt_every=1000"))
+
+    # Every checkpointed part, the post-hoc EMAs included, and every snapshot file, bit for bit.
+    assert_same_run(straight, stopped)
+    assert snapshot_files(straight) == snapshot_files(stopped)
+    assert list(snapshot_files(straight)) == [f"posthoc-{s:08d}.pt" for s in (3, 6, 9, 12)]
+    state = final_state(straight)
+    part = state[Part.POSTHOC_EMA]
+    assert list(part) == ["0.05", "0.1"]
+    changed = copy.deepcopy(state)
+    next(iter(changed[Part.POSTHOC_EMA]["0.1"].values())).view(-1)[0] += 1e-6
+    assert [d.split(":")[0].split(".")[1] for d in
+            checkpoint.training_differences(state, changed)] == [Part.POSTHOC_EMA]
+
+    # The newest snapshot holds the checkpoint's EMAs; each EMA is the power EMA of the
+    # weights after every step, replayed here with posthoc.power_beta.
+    snap = torch.load(straight / "posthoc" / "posthoc-00000012.pt", weights_only=True)
+    assert snap["step"] == 12 and snap["sigma_rels"] == [0.05, 0.1]
+    for sd, key in zip(snap["emas"], ("0.05", "0.1"), strict=True):
+        assert all(torch.equal(sd[k], part[key][k]) for k in sd)
+    model = build_denoiser(TINY_MODEL, 100)
+    weights = {s: checkpoint.read(p)[Part.MODEL]
+               for s, p in checkpoint.list_checkpoints(straight / "checkpoints")}
+    for sigma_rel, key in ((0.05, "0.05"), (0.1, "0.1")):
+        gamma = posthoc.sigma_rel_to_gamma(sigma_rel)
+        model.load_state_dict(weights[1])
+        ema = EMA(model)
+        for t in range(2, 13):
+            model.load_state_dict(weights[t])
+            ema.update(model, posthoc.power_beta(t, gamma), torch.tensor(False))
+        for k, v in ema.state_dict().items():
+            torch.testing.assert_close(v, part[key][k], rtol=1e-5, atol=1e-7)
+    # two lengths, neither the half-life EMA
+    for other in (part["0.1"], state[Part.EMA]):
+        assert any(not torch.equal(part["0.05"][k], other[k]) for k in other)
+
+
+def test_the_tracked_lengths_are_frozen_on_resume(tiny_data: Path, tmp_path: Path) -> None:
+    run_cli(*train_args(tiny_data, tmp_path / "r", 3))
+    proc = run_cli(*train_args(tiny_data, tmp_path / "r", 6,
+                               "train.ema_posthoc_sigma_rels=[0.05,0.2]"), check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"error: cannot resume from {tmp_path / 'r' / 'checkpoints' / 'ckpt-00000003.pt'}: "
+        "train.ema_posthoc_sigma_rels: [0.05, 0.1] -> [0.05, 0.2] changed")
