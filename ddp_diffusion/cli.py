@@ -1,4 +1,4 @@
-"""The `ddp-diffusion` command: train, sample, fid, fid-ref, submit."""
+"""The `ddp-diffusion` command: train, sample, fid, fid-ref, ema, submit."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ from ddp_diffusion.config import (
     check_fid,
     check_finite,
     check_sample,
+    check_sigma_rel,
 )
-from ddp_diffusion.errors import EXIT_INTERRUPTED, DDPDiffusionError
+from ddp_diffusion.errors import EXIT_INTERRUPTED, DDPDiffusionError, UserError
 from ddp_diffusion.registry import DATASETS, MODELS, SAMPLERS, Entry
 
 
@@ -63,6 +64,8 @@ def _check_flags(args: argparse.Namespace) -> None:
             check_at_least(f"--{flag.replace('_', '-')}", getattr(args, flag), low)
     if args.guidance is not None:
         check_finite("--guidance", args.guidance)
+    check(args.ema_weights is None or args.ema is not False,
+          "--ema-weights replaces the EMA weights; drop --no-ema (or --ema-weights)")
 
 
 def _overrides(args: argparse.Namespace, flags: tuple[str, ...]) -> dict[str, object]:
@@ -75,7 +78,8 @@ def _sampling(args: argparse.Namespace, device: Any) -> tuple[Any, list[int], An
     from ddp_diffusion.runs import load_run
     from ddp_diffusion.sample import parse_classes
 
-    run = load_run(Path(args.run), args.checkpoint and Path(args.checkpoint), args.ema, device)
+    run = load_run(Path(args.run), args.checkpoint and Path(args.checkpoint), args.ema, device,
+                   args.ema_weights and Path(args.ema_weights))
     classes = parse_classes(args.classes, run.class_names)
     s = dataclasses.replace(run.cfg.sample, **_overrides(args, SAMPLE_FLAGS))
     check_sample(s, run.diffusion.num_timesteps, prefix="--")
@@ -146,6 +150,8 @@ def _export(args: argparse.Namespace) -> int:
                             s.guidance, s.eta, args.seed, args.precision)
         identity = {"run": str(Path(args.run).resolve()), "step": run.step,
                     "ema": run.cfg.sample.use_ema if args.ema is None else args.ema}
+        if args.ema_weights:
+            identity["ema_weights"] = str(Path(args.ema_weights).resolve())
         m = run.cfg.model
         result = export(run.denoiser, run.diffusion, samples, m.image_size, m.in_channels, out,
                         identity, env)
@@ -170,7 +176,7 @@ def _fid(args: argparse.Namespace) -> int:
         if args.out:  # only rank 0 writes it
             distributed.run_on_main(env.is_main, lambda: check_writable(Path(args.out), "--out"))
         run = load_run(Path(args.run), args.checkpoint and Path(args.checkpoint), args.ema,
-                       env.device)
+                       env.device, args.ema_weights and Path(args.ema_weights))
         fc = dataclasses.replace(run.cfg.fid, inception_weights=args.inception_weights,
                                  ref_stats=args.ref_stats, **_overrides(args, FID_FLAGS))
         check_fid(fc, run.diffusion.num_timesteps, prefix="--")
@@ -179,6 +185,7 @@ def _fid(args: argparse.Namespace) -> int:
         if args.eta is not None:
             cfg.sample.eta = args.eta
         result = {"run": args.run, "checkpoint": args.checkpoint, "step": run.step,
+                  **({"ema_weights": args.ema_weights} if args.ema_weights else {}),
                   **evaluate(run.denoiser, run.diffusion, cfg, fc, args.seed, args.precision)}
         if env.is_main:
             text = json.dumps(result, indent=2)
@@ -202,6 +209,62 @@ def _fid_ref(args: argparse.Namespace) -> int:
     from ddp_diffusion.fid import reference_file
 
     print(reference_file(cfg, out))
+    return 0
+
+
+def _parse_sigma_rels(args: argparse.Namespace) -> list[float]:
+    """The lengths asked for: --sigma-rel S, or each of --sweep S1,S2,... (checked)."""
+    check((args.sigma_rel is None) != (args.sweep is None),
+          "ema makes --sigma-rel S (one file, --out weights.pt) or --sweep S1,S2,... (one file "
+          "each, in the folder --out); give one of them")
+    if args.sigma_rel is not None:
+        check_sigma_rel("--sigma-rel", args.sigma_rel)
+        return [args.sigma_rel]
+    try:
+        values = [float(v) for v in args.sweep.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--sweep {args.sweep}: list numbers separated by commas, e.g. "
+                        "0.03,0.05,0.08") from None
+    check(len(values) > 0, "--sweep: list one or more lengths, e.g. 0.03,0.05,0.08")
+    for value in values:
+        check_sigma_rel("--sweep", value)
+    return values
+
+
+def sweep_name(sigma_rel: float, step: int) -> str:
+    """The file `ema --sweep` writes for one length."""
+    return f"ema-sigma{sigma_rel:g}-step{step:08d}.pt"
+
+
+def _ema(args: argparse.Namespace) -> int:
+    import json
+
+    from ddp_diffusion.files import check_writable
+
+    sigma_rels = _parse_sigma_rels(args)  # before torch is imported: a bad flag fails fast
+    if args.step is not None:
+        check_at_least("--step", args.step, 1)
+    out = Path(args.out)
+    if args.sweep is None:
+        check(out.suffix == ".pt", f"--out {out}: name a .pt file (with --sweep: a folder)")
+        check_writable(out, "--out")
+    else:
+        check(out.suffix != ".pt", f"--out {out}: with --sweep, name a folder (one file a "
+                                   "length goes there)")
+        check_writable(out / sweep_name(sigma_rels[0], 0), "--out")
+    import torch
+
+    from ddp_diffusion.files import write_atomic
+    from ddp_diffusion.runs import posthoc_ema, posthoc_snapshots
+
+    snapshots = posthoc_snapshots(Path(args.run), args.step)
+    step = snapshots[-1].step
+    for sigma_rel in sigma_rels:
+        weights, info = posthoc_ema(snapshots, sigma_rel, step)
+        path = out if args.sweep is None else out / sweep_name(sigma_rel, step)
+        write_atomic(path, lambda f, w=weights: torch.save(w, f))
+        info.pop("coefficients")
+        print(json.dumps({"out": str(path), **info}))
     return 0
 
 
@@ -255,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction,
                    help="EMA weights (--no-ema: the raw ones; default: config sample.use_ema)")
+    p.add_argument("--ema-weights", metavar="FILE",
+                   help="use these weights (written by `ddp-diffusion ema`) instead of the "
+                        "checkpoint's EMA")
     p.add_argument("--out", help="the grid's image path (PNG, JPEG, ...)")
     p.add_argument("--num-samples", type=int, help="images to export (--out-npz, --out-dir)")
     p.add_argument("--out-npz", help="export to this .npz (arr_0: uint8 N x H x W x C, "
@@ -298,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                    help="EMA weights (default; --no-ema: the raw ones)")
+    p.add_argument("--ema-weights", metavar="FILE",
+                   help="use these weights (written by `ddp-diffusion ema`) instead of the "
+                        "checkpoint's EMA")
     p.add_argument("--out", help="also write the JSON result here")
     p.set_defaults(func=_fid)
 
@@ -312,6 +381,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--out", required=True, help="the .npz to write")
     p.set_defaults(func=_fid_ref)
+
+    p = sub.add_parser(
+        "ema", help="an EMA of any length, made after training from post-hoc snapshots",
+        description="EDM2's post-hoc EMA: the power-function EMA of relative length --sigma-rel "
+                    "(std of its averaging profile / training steps) at --step, as the least-"
+                    "squares combination of the snapshots a run with train.ema_posthoc=true "
+                    "wrote to RUN/posthoc/. Writes a state dict like the checkpoint's EMA, for "
+                    "sample and fid --ema-weights; prints how it was made (one JSON line each).")
+    p.add_argument("--run", "--run-dir", dest="run", required=True,
+                   help="run directory (its out_dir)")
+    p.add_argument("--sigma-rel", type=float, help="the length, e.g. 0.08 (in (0, 0.2887])")
+    p.add_argument("--sweep", metavar="S1,S2,...",
+                   help="several lengths, one file each in the folder --out")
+    p.add_argument("--step", type=int,
+                   help="a step with a snapshot (default: the newest); snapshots up to it are used")
+    p.add_argument("--out", required=True, help="weights.pt (with --sweep: a folder)")
+    p.set_defaults(func=_ema)
 
     p = sub.add_parser(
         "submit", help="submit training to SLURM through submitit (requeues on preemption)",

@@ -1,5 +1,6 @@
 """Post-hoc EMA (EDM2): the power-function EMA against its averaging profile, reconstruction from
-snapshots against EMAs tracked directly, training that snapshots and resumes bit for bit."""
+snapshots against EMAs tracked directly, training that snapshots and resumes bit for bit, and the
+`ema` command whose weights `sample --ema-weights` uses."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from conftest import (
     wait_for_step,
 )
 
-from ddp_diffusion import checkpoint, posthoc
+from ddp_diffusion import checkpoint, posthoc, runs
 from ddp_diffusion.checkpoint import Part
 from ddp_diffusion.diffusion import build_denoiser
 from ddp_diffusion.ema import EMA
@@ -231,3 +232,115 @@ def test_the_tracked_lengths_are_frozen_on_resume(tiny_data: Path, tmp_path: Pat
     assert proc.stderr.strip().splitlines()[-1].startswith(
         f"error: cannot resume from {tmp_path / 'r' / 'checkpoints' / 'ckpt-00000003.pt'}: "
         "train.ema_posthoc_sigma_rels: [0.05, 0.1] -> [0.05, 0.2] changed")
+
+
+# ---------------------------------------------------------------------------- the ema command
+
+
+@pytest.fixture(scope="module")
+def posthoc_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("posthoc_run")
+    run_cli("train", *TINY, f"data.root={tiny_data}", f"out_dir={out}", "train.max_steps=12",
+            "train.ema_posthoc=true", "train.ema_posthoc_every=4")
+    return out
+
+
+def test_ema_weights_are_what_sample_uses(posthoc_run: Path, tmp_path: Path) -> None:
+    weights = tmp_path / "w.pt"
+    proc = run_cli("ema", "--run", str(posthoc_run), "--sigma-rel", "0.08", "--out",
+                   str(weights))
+    assert '"snapshots": 3' in proc.stdout and '"step": 12' in proc.stdout
+    written = torch.load(weights, weights_only=True)
+    expected, info = runs.posthoc_ema(runs.posthoc_snapshots(posthoc_run, None), 0.08, 12)
+    assert written.keys() == final_state(posthoc_run)[Part.EMA].keys()
+    assert all(torch.equal(written[k], expected[k]) for k in expected)
+    assert info["profile_error"] < 0.1
+    in_process = tmp_path / "in_process.pt"
+    torch.save(expected, in_process)
+
+    def grid(*flags: str) -> np.ndarray:
+        from PIL import Image
+
+        out = tmp_path / f"grid{len(list(tmp_path.glob('grid*')))}.png"
+        run_cli("sample", "--run", str(posthoc_run), "--per-class", "1", "--out", str(out),
+                *flags)
+        return np.asarray(Image.open(out))
+
+    from_file = grid("--ema-weights", str(weights))
+    assert np.array_equal(from_file, grid("--ema-weights", str(in_process)))
+    assert not np.array_equal(from_file, grid())  # the checkpoint's EMA: other weights
+
+    # --sweep: one file per length, each that length's reconstruction; --step: an earlier one
+    run_cli("ema", "--run", str(posthoc_run), "--sweep", "0.05,0.08", "--step", "8", "--out",
+            str(tmp_path / "sweep"))
+    snapshots = runs.posthoc_snapshots(posthoc_run, 8)
+    assert [s.step for s in snapshots] == [4, 8]
+    for sigma_rel in (0.05, 0.08):
+        got = torch.load(tmp_path / "sweep" / f"ema-sigma{sigma_rel:g}-step00000008.pt",
+                         weights_only=True)
+        want, _ = runs.posthoc_ema(snapshots, sigma_rel, 8)
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    # 0.05 was tracked: its step-8 snapshot exactly (buffers and all)
+    tracked = snapshots[-1].emas[0]
+    got = torch.load(tmp_path / "sweep" / "ema-sigma0.05-step00000008.pt", weights_only=True)
+    for k in tracked:
+        torch.testing.assert_close(got[k], tracked[k], rtol=1e-5, atol=1e-7)
+
+
+def one_line_error(proc: subprocess.CompletedProcess, starts: str) -> None:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"error: {starts}"), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(("flags", "starts"), [
+    (["--sigma-rel", "0.3"], "--sigma-rel=0.3 must be in (0, 0.2887]"),
+    (["--sigma-rel", "0"], "--sigma-rel=0.0 must be in (0, 0.2887]"),
+    (["--sweep", "0.05,abc"], "--sweep 0.05,abc: list numbers separated by commas"),
+    (["--sweep", "0.05,0.5"], "--sweep=0.5 must be in (0, 0.2887]"),
+    ([], "ema makes --sigma-rel S (one file, --out weights.pt) or --sweep"),
+    (["--sigma-rel", "0.1", "--sweep", "0.05"], "ema makes --sigma-rel S"),
+    (["--sigma-rel", "0.1", "--step", "0"], "--step=0 must be >= 1"),
+    (["--sigma-rel", "0.1", "--step", "5"], "--step 5: no snapshot of that step in"),
+    (["--sigma-rel", "0.1", "--out", "TMP/w.png"], "--out TMP/w.png: name a .pt file"),
+    (["--sweep", "0.1", "--out", "TMP/w.pt"], "--out TMP/w.pt: with --sweep, name a folder"),
+])
+def test_bad_ema_flags_are_one_line(posthoc_run: Path, tmp_path: Path, flags: list[str],
+                                    starts: str) -> None:
+    flags = [f.replace("TMP", str(tmp_path)) for f in flags]
+    out = [] if "--out" in flags else ["--out", str(tmp_path / "w.pt")]
+    one_line_error(run_cli("ema", "--run", str(posthoc_run), *flags, *out, check=False),
+                   starts.replace("TMP", str(tmp_path)))
+
+
+def test_runs_without_snapshots_and_misfit_weights_are_one_line(posthoc_run: Path,
+                                                                tmp_path: Path) -> None:
+    one_line_error(run_cli("ema", "--run", str(tmp_path), "--sigma-rel", "0.1", "--out",
+                           str(tmp_path / "w.pt"), check=False),
+                   f"no post-hoc EMA snapshots in {tmp_path / 'posthoc'}; train with "
+                   "train.ema_posthoc=true")
+    ema = final_state(posthoc_run)[Part.EMA]
+    key = next(k for k, v in ema.items() if v.dim() == 4)
+    wrong = dict(ema, **{key: torch.zeros(1, *ema[key].shape[1:])})
+    torch.save(wrong, tmp_path / "wrong.pt")
+    grid = ["--per-class", "1", "--out", str(tmp_path / "g.png")]
+    for command, extra in (("sample", grid), ("fid", [])):
+        one_line_error(run_cli(command, "--run", str(posthoc_run), "--ema-weights",
+                               str(tmp_path / "wrong.pt"), *extra, check=False),
+                       f"--ema-weights {tmp_path / 'wrong.pt'} does not fit this run's model: "
+                       f"{key} is (1,")
+    one_line_error(run_cli("sample", "--run", str(posthoc_run), "--ema-weights",
+                           str(tmp_path / "none.pt"), *grid, check=False),
+                   f"--ema-weights {tmp_path / 'none.pt'}: no such file")
+    (tmp_path / "text.pt").write_text("not weights")
+    one_line_error(run_cli("sample", "--run", str(posthoc_run), "--ema-weights",
+                           str(tmp_path / "text.pt"), *grid, check=False),
+                   f"--ema-weights {tmp_path / 'text.pt'} cannot be read (not a torch file)")
+    torch.save({"weights": Path("code could run here")}, tmp_path / "object.pt")
+    one_line_error(run_cli("sample", "--run", str(posthoc_run), "--ema-weights",
+                           str(tmp_path / "object.pt"), *grid, check=False),
+                   f"--ema-weights {tmp_path / 'object.pt'} holds objects other than tensors")
+    one_line_error(run_cli("sample", "--run", str(posthoc_run), "--ema-weights",
+                           str(tmp_path / "wrong.pt"), "--no-ema", *grid, check=False),
+                   "--ema-weights replaces the EMA weights; drop --no-ema")
