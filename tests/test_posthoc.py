@@ -234,6 +234,25 @@ def test_the_tracked_lengths_are_frozen_on_resume(tiny_data: Path, tmp_path: Pat
         "train.ema_posthoc_sigma_rels: [0.05, 0.1] -> [0.05, 0.2] changed")
 
 
+def test_snapshots_past_an_older_resumed_checkpoint_are_archived(tiny_data: Path,
+                                                                  tmp_path: Path) -> None:
+    """Resuming from an older checkpoint moves the later snapshots (another lineage from here)
+    aside with the later checkpoints, so `ema` never combines the two."""
+    out = tmp_path / "r"
+    run_cli(*train_args(tiny_data, out, 6, "train.ckpt_every=3", "train.ema_posthoc_every=2"))
+    assert list(snapshot_files(out)) == [f"posthoc-{s:08d}.pt" for s in (2, 4, 6)]
+    old = snapshot_files(out)
+    run_cli(*train_args(tiny_data, out, 4, "train.ckpt_every=3", "train.ema_posthoc_every=2",
+                        f"train.resume={out / 'checkpoints' / 'ckpt-00000003.pt'}",
+                        "train.lr=5e-4"))
+    assert list(snapshot_files(out)) == [f"posthoc-{s:08d}.pt" for s in (2, 4)]
+    assert snapshot_files(out)["posthoc-00000002.pt"] == old["posthoc-00000002.pt"]
+    assert snapshot_files(out)["posthoc-00000004.pt"] != old["posthoc-00000004.pt"]  # new lr
+    (archive,) = (out / "archive").iterdir()
+    assert snapshot_files(archive) == {k: old[k] for k in ("posthoc-00000004.pt",
+                                                           "posthoc-00000006.pt")}
+
+
 # ---------------------------------------------------------------------------- the ema command
 
 
