@@ -260,7 +260,8 @@ def move_aside(out_dir: Path, checkpoints: list[Path], whole_run: bool,
     elif (out_dir / METRICS).is_file():
         shutil.copy2(out_dir / METRICS, dest / METRICS)  # the resumed run truncates the live one
     log.warning("moved %d checkpoint(s)%s of an earlier run to %s (nothing is deleted)",
-                len(checkpoints), " and its metrics, config, grids and post-hoc snapshots"
-                if whole_run else f" and {len(snapshots)} post-hoc snapshot(s)" if snapshots
-                else "", dest)
+                len(checkpoints), (" and its metrics, config, grids and post-hoc snapshots"
+                                   if out_dir / POSTHOC in run_files
+                                   else " and its metrics, config and grids") if whole_run
+                else f" and {len(snapshots)} post-hoc snapshot(s)" if snapshots else "", dest)
     return dest
