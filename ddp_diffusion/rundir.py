@@ -250,18 +250,20 @@ def move_aside(out_dir: Path, checkpoints: list[Path], whole_run: bool,
     (dest / CHECKPOINTS).mkdir()
     for path in checkpoints:
         os.replace(path, dest / CHECKPOINTS / path.name)
-    if snapshots and not whole_run:
-        (dest / POSTHOC).mkdir()
-        for path in snapshots:
-            os.replace(path, dest / POSTHOC / path.name)
     if whole_run:
         for path in run_files:
             os.replace(path, dest / path.name)
-    elif (out_dir / METRICS).is_file():
+        kept = ("metrics, config, grids and post-hoc snapshots"
+                if out_dir / POSTHOC in run_files else "metrics, config and grids")
+        log.warning("moved %d checkpoint(s) and its %s of an earlier run to %s (nothing is "
+                    "deleted)", len(checkpoints), kept, dest)
+        return dest
+    if snapshots:
+        (dest / POSTHOC).mkdir()
+        for path in snapshots:
+            os.replace(path, dest / POSTHOC / path.name)
+    if (out_dir / METRICS).is_file():
         shutil.copy2(out_dir / METRICS, dest / METRICS)  # the resumed run truncates the live one
-    log.warning("moved %d checkpoint(s)%s of an earlier run to %s (nothing is deleted)",
-                len(checkpoints), (" and its metrics, config, grids and post-hoc snapshots"
-                                   if out_dir / POSTHOC in run_files
-                                   else " and its metrics, config and grids") if whole_run
-                else f" and {len(snapshots)} post-hoc snapshot(s)" if snapshots else "", dest)
+    log.warning("moved %d checkpoint(s) and %d post-hoc snapshot(s) newer than the resumed "
+                "checkpoint to %s (nothing is deleted)", len(checkpoints), len(snapshots), dest)
     return dest

@@ -359,21 +359,24 @@ class Checkpointer:
 
 class PosthocEMA:
     """The power-function EMAs of train.ema_posthoc, one per train.ema_posthoc_sigma_rels (fp32,
-    updated on the device after every step, skipping non-finite ones as the EMA does), and their
-    snapshots, written to out_dir/posthoc/ every train.ema_posthoc_every steps and at the last.
-    A checkpointed part (`posthoc_ema`) when enabled; otherwise it holds nothing and is never
-    due."""
+    updated on the device after every step), and their snapshots, written to out_dir/posthoc/
+    every train.ema_posthoc_every steps and at the last. A checkpointed part (`posthoc_ema`)
+    when enabled; otherwise it holds nothing and is never due."""
 
     def __init__(self, model: nn.Module, cfg: Config, env: DistEnv) -> None:
         self.tc, self.env, self.out_dir = cfg.train, env, Path(cfg.out_dir)
         self.sigma_rels = list(self.tc.ema_posthoc_sigma_rels) if self.tc.ema_posthoc else []
         self.gammas = [sigma_rel_to_gamma(s) for s in self.sigma_rels]
         self.emas = [EMA(model) for _ in self.sigma_rels]
+        self.never = torch.zeros((), dtype=torch.bool, device=env.device)
 
-    def update(self, model: nn.Module, step: int, skip: Tensor) -> None:
-        """After optimizer step `step` (1, 2, ...): ema <- beta_t ema + (1 - beta_t) model."""
+    def update(self, model: nn.Module, step: int) -> None:
+        """After optimizer step `step` (1, 2, ...): ema <- beta_t ema + (1 - beta_t) model. A
+        skipped (non-finite) step advances them too: its weights are the previous step's, so
+        each EMA stays the average of every step's weights under its profile, which is what
+        the reconstruction assumes (holding it still would not be)."""
         for gamma, ema in zip(self.gammas, self.emas, strict=True):
-            ema.update(model, power_beta(step, gamma), skip)
+            ema.update(model, power_beta(step, gamma), self.never)
 
     def due(self, step: int) -> bool:
         return bool(self.emas) and due(step, self.tc.ema_posthoc_every, self.tc.max_steps)
@@ -639,7 +642,7 @@ class Trainer:
         self.ema_beta = ema_beta(tc.batch_size, p.images_seen, tc.ema_halflife_kimg,
                                  tc.ema_rampup_ratio)
         self.ema.update(self.model, self.ema_beta, skip)
-        self.posthoc.update(self.model, p.step, skip)
+        self.posthoc.update(self.model, p.step)
         self.opt.zero_grad(set_to_none=True)
         if self.profiler is not None:
             self.profiler.step()

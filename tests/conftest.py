@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import struct
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 
 from ddp_diffusion import config
+
+if TYPE_CHECKING:
+    import torch
+
+    from ddp_diffusion.train import Trainer
 
 REPO = Path(__file__).resolve().parent.parent
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -195,3 +203,30 @@ def read_only(tmp_path: Path) -> Iterator[Callable[[Path], None]]:
     yield make
     for path in reversed(mounted):
         subprocess.run(["umount", "--lazy", str(path)], check=True)
+
+
+@contextlib.contextmanager
+def trainer_in_process(*overrides: str) -> Iterator[Trainer]:
+    """The trainer of TINY plus `overrides` in this process (one CPU rank, its run directory
+    locked), for tests that drive `train_one_step` themselves; the signal handlers it installs
+    are put back after."""
+    from ddp_diffusion import rundir, signals
+    from ddp_diffusion.distributed import DistEnv
+    from ddp_diffusion.train import Trainer
+
+    cfg = config.load(None, [*TINY, *overrides])
+    handlers = {s: signal.getsignal(s) for s in signals.STOP_SIGNALS}  # StopRequest's own
+    lock = rundir.RunLock(Path(cfg.out_dir))
+    try:
+        trainer = Trainer(cfg, DistEnv(), signals.StopRequest(), lock)
+        yield trainer
+        trainer.metrics.close()
+    finally:
+        lock.release()
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+
+
+def set_loss_scale(scaler: torch.amp.GradScaler, scale: float) -> None:
+    """Set the fp16 loss scale the way a resumed checkpoint does."""
+    scaler.load_state_dict(scaler.state_dict() | {"scale": scale})

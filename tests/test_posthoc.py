@@ -5,6 +5,8 @@ snapshots against EMAs tracked directly, training that snapshots and resumes bit
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
 import signal
 import subprocess
@@ -22,6 +24,8 @@ from conftest import (
     cli_env,
     final_state,
     run_cli,
+    set_loss_scale,
+    trainer_in_process,
     wait_for_step,
 )
 
@@ -224,6 +228,32 @@ def test_training_tracks_power_emas_and_resumes_bitwise_after_sigterm(tiny_data:
         assert any(not torch.equal(part["0.05"][k], other[k]) for k in other)
 
 
+def test_a_skipped_step_advances_the_power_emas_with_the_unchanged_weights(
+        tiny_data: Path, tmp_path: Path) -> None:
+    """An fp16 overflow changes no weight; the power EMAs still take that step, with the
+    weights it left (the previous ones), so each stays the average of every step's weights
+    under its profile: holding them still would break the reconstruction's assumption."""
+    with trainer_in_process(f"data.root={tiny_data}", f"out_dir={tmp_path / 'run'}",
+                            "train.precision=fp16", *POSTHOC) as trainer:
+        set_loss_scale(trainer.scaler, 1.0)  # two steps that cannot overflow
+        for _ in range(2):
+            assert not trainer.train_one_step()[2]
+        weights = {k: v.float().clone() for k, v in trainer.model.state_dict().items()}
+        before = [copy.deepcopy(ema.state_dict()) for ema in trainer.posthoc.emas]
+        set_loss_scale(trainer.scaler, 2.0 ** 40)
+        assert trainer.train_one_step()[2]  # skipped
+        assert all(torch.equal(v.float(), weights[k])
+                   for k, v in trainer.model.state_dict().items())
+        for gamma, ema, old in zip(trainer.posthoc.gammas, trainer.posthoc.emas, before,
+                                   strict=True):
+            beta = posthoc.power_beta(3, gamma)
+            moved = [k for k in old if not torch.equal(ema.state_dict()[k], old[k])]
+            assert moved  # step 2's weights differ from the average of steps 1 and 2
+            for k, v in ema.state_dict().items():
+                torch.testing.assert_close(v, beta * old[k] + (1 - beta) * weights[k],
+                                           rtol=1e-6, atol=1e-7)
+
+
 def test_the_tracked_lengths_are_frozen_on_resume(tiny_data: Path, tmp_path: Path) -> None:
     run_cli(*train_args(tiny_data, tmp_path / "r", 3))
     proc = run_cli(*train_args(tiny_data, tmp_path / "r", 6,
@@ -242,15 +272,18 @@ def test_snapshots_past_an_older_resumed_checkpoint_are_archived(tiny_data: Path
     run_cli(*train_args(tiny_data, out, 6, "train.ckpt_every=3", "train.ema_posthoc_every=2"))
     assert list(snapshot_files(out)) == [f"posthoc-{s:08d}.pt" for s in (2, 4, 6)]
     old = snapshot_files(out)
-    run_cli(*train_args(tiny_data, out, 4, "train.ckpt_every=3", "train.ema_posthoc_every=2",
-                        f"train.resume={out / 'checkpoints' / 'ckpt-00000003.pt'}",
-                        "train.lr=5e-4"))
+    proc = run_cli(*train_args(tiny_data, out, 4, "train.ckpt_every=3",
+                               "train.ema_posthoc_every=2",
+                               f"train.resume={out / 'checkpoints' / 'ckpt-00000003.pt'}",
+                               "train.lr=5e-4"))
     assert list(snapshot_files(out)) == [f"posthoc-{s:08d}.pt" for s in (2, 4)]
     assert snapshot_files(out)["posthoc-00000002.pt"] == old["posthoc-00000002.pt"]
     assert snapshot_files(out)["posthoc-00000004.pt"] != old["posthoc-00000004.pt"]  # new lr
     (archive,) = (out / "archive").iterdir()
     assert snapshot_files(archive) == {k: old[k] for k in ("posthoc-00000004.pt",
                                                            "posthoc-00000006.pt")}
+    assert ("moved 1 checkpoint(s) and 2 post-hoc snapshot(s) newer than the resumed "
+            f"checkpoint to {archive} (nothing is deleted)") in proc.stderr
 
 
 # ---------------------------------------------------------------------------- the ema command
@@ -304,6 +337,35 @@ def test_ema_weights_are_what_sample_uses(posthoc_run: Path, tmp_path: Path) -> 
     got = torch.load(tmp_path / "sweep" / "ema-sigma0.05-step00000008.pt", weights_only=True)
     for k in tracked:
         torch.testing.assert_close(got[k], tracked[k], rtol=1e-5, atol=1e-7)
+
+
+def test_fid_and_the_export_score_and_write_the_reconstructed_ema(
+        posthoc_run: Path, tiny_data: Path, tmp_path: Path) -> None:
+    """fid --ema-weights scores exactly the images sample --out-npz --ema-weights writes, and
+    they are not the checkpoint EMA's."""
+    weights = tmp_path / "w.pt"
+    run_cli("ema", "--run", str(posthoc_run), "--sigma-rel", "0.08", "--out", str(weights))
+    sample_set = ["--num-samples", "6", "--batch-size", "3", "--sampler", "ddim", "--steps", "3",
+                  "--guidance", "2", "--seed", "1"]
+
+    def fid(*flags: str) -> dict:
+        proc = run_cli("fid", "--run", str(posthoc_run), *sample_set, "--data-root",
+                       str(tiny_data), *flags)
+        return json.loads(proc.stdout[proc.stdout.index("{"):])
+
+    def npz_digest(*flags: str) -> str:
+        out = tmp_path / f"s{len(list(tmp_path.glob('s*.npz')))}.npz"
+        run_cli("sample", "--run", str(posthoc_run), *sample_set, "--out-npz", str(out), *flags)
+        nchw = np.load(out)["arr_0"].transpose(0, 3, 1, 2)
+        chunks = "".join(hashlib.sha256(np.ascontiguousarray(nchw[lo:lo + 3]).tobytes())
+                         .hexdigest() for lo in (0, 3))
+        return hashlib.sha256(chunks.encode()).hexdigest()
+
+    reconstructed, checkpoint_ema = fid("--ema-weights", str(weights)), fid()
+    assert reconstructed["ema_weights"] == str(weights) and "ema_weights" not in checkpoint_ema
+    assert reconstructed["samples_sha256"] == npz_digest("--ema-weights", str(weights))
+    assert reconstructed["samples_sha256"] != checkpoint_ema["samples_sha256"]
+    assert reconstructed["fid"] != checkpoint_ema["fid"]
 
 
 def one_line_error(proc: subprocess.CompletedProcess, starts: str) -> None:

@@ -6,21 +6,29 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, TINY_MODEL, assert_same_run, cli_env, run_cli, run_torchrun
+from conftest import (
+    REPO,
+    TINY,
+    TINY_MODEL,
+    assert_same_run,
+    cli_env,
+    run_cli,
+    run_torchrun,
+    set_loss_scale,
+    trainer_in_process,
+)
 from torch.utils.flop_counter import FlopCounterMode
 
-from ddp_diffusion import checkpoint, config, rundir, signals
+from ddp_diffusion import checkpoint, config
 from ddp_diffusion.data import Batch
 from ddp_diffusion.diffusion import Diffusion, build_denoiser
-from ddp_diffusion.distributed import DistEnv
-from ddp_diffusion.train import Trainer, apply_update, train_step
+from ddp_diffusion.train import apply_update, train_step
 from ddp_diffusion.utilisation import table_peak_tflops
 
 
@@ -116,22 +124,13 @@ def test_a_skipped_update_changes_no_weight_moment_or_step_count() -> None:
     assert not any(torch.equal(a, b) for a, b in zip(before, after, strict=True))
 
 
-def set_loss_scale(scaler: torch.amp.GradScaler, scale: float) -> None:
-    """Set the fp16 loss scale the way a resumed checkpoint does."""
-    scaler.load_state_dict(scaler.state_dict() | {"scale": scale})
-
-
 def test_an_fp16_overflow_is_skipped_and_lowers_the_loss_scale(tiny_data: Path,
                                                               tmp_path: Path) -> None:
     """The trainer's own step in fp16: one whose scaled gradients overflow changes no weight,
     optimizer moment or EMA weight, halves the loss scale, and is routine (not counted towards
     a divergence)."""
-    cfg = config.load(None, [*TINY, f"data.root={tiny_data}", f"out_dir={tmp_path / 'run'}",
-                             "train.precision=fp16"])
-    handlers = {s: signal.getsignal(s) for s in signals.STOP_SIGNALS}  # StopRequest's own
-    lock = rundir.RunLock(Path(cfg.out_dir))
-    try:
-        trainer = Trainer(cfg, DistEnv(), signals.StopRequest(), lock)  # one CPU process
+    with trainer_in_process(f"data.root={tiny_data}", f"out_dir={tmp_path / 'run'}",
+                            "train.precision=fp16") as trainer:
         set_loss_scale(trainer.scaler, 1.0)  # a first step that cannot overflow: moments exist
         loss, grad_norm, skip = trainer.train_one_step()
         assert torch.isfinite(grad_norm) and not skip
@@ -152,11 +151,6 @@ def test_an_fp16_overflow_is_skipped_and_lowers_the_loss_scale(tiny_data: Path,
         assert trainer.scaler.get_scale() == 2.0 ** 39
         assert trainer.progress.step == 2  # the step happened; it changed nothing
         assert trainer.nonfinite.read(2, max_streak=1) is None and trainer.nonfinite.total == 0
-        trainer.metrics.close()
-    finally:
-        lock.release()
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
 
 
 # ----------------------------------------------------------------------------- sync points
