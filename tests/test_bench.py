@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import subprocess
@@ -15,7 +16,7 @@ from conftest import REPO, TINY, assert_same_run, cli_env, run_cli
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from ddp_diffusion import checkpoint, config
+from ddp_diffusion import checkpoint, config, fid
 from ddp_diffusion.data import Batch
 from ddp_diffusion.diffusion import Diffusion, build_denoiser
 from ddp_diffusion.runs import load_run
@@ -165,6 +166,46 @@ def test_fid_vs_steps_quick_page_has_the_floor_the_seed_spread_and_a_plot_per_gu
     seeded = [r for r in rows if "(2 seeds)" in r]
     assert [r.split(" | ")[0] for r in seeded] == ["| sde-dpm++"] * 2  # the headline row only
     assert Image.open(tmp_path / "out" / "fid_vs_steps.png").size == (1100, 380 * 2 + 60)
+
+
+def test_fid_protocol_scores_reconstructed_lengths_and_prefixes_as_the_fid_command_does(
+        tiny_data: Path, tmp_path: Path) -> None:
+    """ema: a row per length beside the half-life EMA and the raw weights, tracked lengths
+    rebuilt exactly; stability: the FID and KID of a seed's first n images are those of
+    `fid --num-samples n` with that seed (the prefix is that set), and the floor is real_fid's."""
+    run, out = tmp_path / "run", tmp_path / "out"
+    run_cli("train", *TINY, f"out_dir={run}", f"data.root={tiny_data}", "train.max_steps=12",
+            "train.ema_posthoc=true", "train.ema_posthoc_every=4")
+    for part in ("ema", "stability"):
+        proc = subprocess.run([sys.executable, "bench/fid_protocol.py", part, "--run", str(run),
+                               "--quick", "--out-dir", str(out)],
+                              capture_output=True, text=True, cwd=REPO, env=cli_env(),
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    ema = json.loads((out / "fid_ema.json").read_text())
+    assert [r["weights"] for r in ema["rows"]] == ["half-life EMA", "raw weights",
+                                                   "sigma_rel 0.05", "sigma_rel 0.1"]
+    assert ema["about"]["snapshots"] == [4, 8, 12]
+    assert all(r["profile_error"] < 1e-6 for r in ema["rows"][2:])  # tracked: exact
+    assert len({r["samples_sha256"] for r in ema["rows"]}) == 4  # four different weights
+    page = (out / "fid_ema.md").read_text().splitlines()
+    assert len([x for x in page if x.startswith("| ") and "---" not in x]) == 1 + 4
+
+    stab = json.loads((out / "fid_stability.json").read_text())
+    assert [(r["seed"], r["num_samples"]) for r in stab["rows"]] == [
+        (0, 40), (0, 80), (1, 40), (1, 80)]
+    command = json.loads(run_cli(
+        "fid", "--run", str(run), "--num-samples", "40", "--batch-size", "20", "--steps", "3",
+        "--seed", "1", "--data-root", str(tiny_data)).stdout)
+    row = stab["rows"][2]
+    assert row["fid"] == pytest.approx(command["fid"], rel=1e-9)
+    assert row["kid"] == pytest.approx(command["kid"], rel=1e-9)
+    assert (row["precision"], row["recall"]) == (command["precision"], command["recall"])
+    assert stab["rows"][0]["fid"] != row["fid"]  # another seed, other images
+    cfg = load_run(run, None, True, torch.device("cpu")).cfg
+    floor = fid.real_fid(cfg, dataclasses.replace(cfg.fid, num_samples=40), "test")["fid"]
+    assert stab["about"]["floors"]["40"] == pytest.approx(floor, rel=1e-12)
 
 
 @pytest.mark.slow
