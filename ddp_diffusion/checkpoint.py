@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import torch
 
 from ddp_diffusion import files
-from ddp_diffusion.config import flatten, from_dict, to_dict
+from ddp_diffusion.config import FROZEN_KEYS, flatten, from_dict, to_dict
 from ddp_diffusion.errors import CheckpointError, CheckpointGone, UserError
 
 log = logging.getLogger("ddp_diffusion")
@@ -30,14 +30,6 @@ NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
 FORMAT = 2  # 1: before the `progress` part (step, images seen and run id at the top level)
 READ_TRIES = 3
 READ_RETRY_S = 1.0  # first back-off; doubled after each failed try
-
-# Config sections and keys that must not change when resuming: they define the model, the
-# noise process, or which samples and noise each step sees, or which post-hoc EMAs are tracked
-# (each averages every step since the first: one started or changed later could not be). Every
-# other key may change and takes effect from the resumed step.
-FROZEN_KEYS = ("model", "diffusion", "seed", "train.batch_size", "train.ema_posthoc",
-               "train.ema_posthoc_sigma_rels")
-
 
 class Part:
     """The names of the checkpointed parts: the keys of the `states` that train.py gives
@@ -251,8 +243,7 @@ def frozen_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """'key: old -> new' for each frozen setting that differs between two configs."""
     old, new = flatten(saved), flatten(current)
     return [f"{k}: {old.get(k)} -> {new.get(k)}" for k in sorted(old.keys() | new.keys())
-            if old.get(k) != new.get(k) and any(k == f or k.startswith(f + ".")
-                                                for f in FROZEN_KEYS)]
+            if old.get(k) != new.get(k) and k in FROZEN_KEYS]
 
 
 def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

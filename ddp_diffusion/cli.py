@@ -197,6 +197,13 @@ def _fid(args: argparse.Namespace) -> int:
         distributed.shutdown()
 
 
+def _config(args: argparse.Namespace) -> int:
+    from ddp_diffusion import config, config_docs
+
+    sys.stdout.write(config_docs.RENDER[args.format](config.load(args.config, args.overrides)))
+    return 0
+
+
 def _fid_ref(args: argparse.Namespace) -> int:
     from ddp_diffusion import config
     from ddp_diffusion.files import check_writable
@@ -286,12 +293,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train (single process, or under torchrun)",
-                       description="Train. Overrides are dotted keys: train.lr=2e-4 out_dir=runs/x",
+                       description="Train. Overrides are dotted keys: train.lr=2e-4 out_dir=runs/x"
+                                   " (`ddp-diffusion config` lists every key: type, default, "
+                                   "what it does, what happens to it on resume).",
                        epilog=registered_choices(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config (defaults when omitted)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser(
+        "config", help="every config key: its value, type, default, meaning and resume policy",
+        description="Every config key with its value (the defaults, or --config and "
+                    "overrides, checked as train checks them), type, default, a line on what it "
+                    "does and what happens to it on resume. --format yaml writes a complete, "
+                    "commented config that train --config reads unchanged; markdown, the "
+                    "README's table.")
+    p.add_argument("--config", help="YAML config (defaults when omitted)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--format", choices=("text", "yaml", "markdown"), default="text")
+    p.set_defaults(func=_config)
 
     p = sub.add_parser(
         "sample", help="a labelled grid of generated images, or N images as .npz or PNGs",

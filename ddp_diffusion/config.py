@@ -28,114 +28,177 @@ DatasetName = Literal[tuple(registry.DATASETS)]
 Sampler = Literal[tuple(registry.SAMPLERS)]
 
 
+# Resume policies of a key (`ddp-diffusion config` prints each; the README's table is made from
+# them). FROZEN keys define the network, the noise process, or which samples and noise each
+# step sees: a run refuses to resume when one changed (checkpoint.check_compatible). Every other
+# key may change and takes effect from the resumed step.
+FROZEN = "frozen"
+TAKES_EFFECT = "takes effect"
+SAME_DATA = "takes effect (the data must be the same: its fingerprint is checked)"
+
+
+def key(default: Any, doc: str, resume: str = TAKES_EFFECT) -> Any:
+    """A config field with its one-line doc and resume policy (a list default is copied)."""
+    meta = {"doc": doc, "resume": resume}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class ModelConfig:
-    name: ModelName = "unet"  # seed_unet: the code-along's U-Net, exactly
-    num_classes: int | None = None  # None: from the data (1 for an unconditional model)
-    in_channels: int | None = None  # None: from the data (1 greyscale, 3 RGB)
-    image_size: int = 32
-    cond_dim: int = 32  # class-embedding width (seed_unet: also the timestep-embedding width)
-    channels: int = 64  # unet: width of the first level
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
-    num_res_blocks: int = 2
-    attention_resolutions: list[int] = field(default_factory=lambda: [8])
-    dropout: float = 0.0
+    name: ModelName = key("unet", "the network: unet, or seed_unet (the code-along's U-Net, "
+                          "exactly)", FROZEN)
+    num_classes: int | None = key(None, "classes; null: from the data (1 for an unconditional "
+                                  "model); set only to assert what the data has", FROZEN)
+    in_channels: int | None = key(None, "image channels; null: from the data (1 greyscale, 3 "
+                                  "RGB); set only to assert what the data has", FROZEN)
+    image_size: int = key(32, "side of the square images the model makes (a multiple of 4 for "
+                          "unet)", FROZEN)
+    cond_dim: int = key(32, "class-embedding width (seed_unet: also the timestep embedding's)",
+                        FROZEN)
+    channels: int = key(64, "unet: width of the first level", FROZEN)
+    channel_mult: list[int] = key([1, 2, 2], "unet: width of each level, times channels",
+                                  FROZEN)
+    num_res_blocks: int = key(2, "unet: residual blocks per level", FROZEN)
+    attention_resolutions: list[int] = key([8], "unet: resolutions with self-attention",
+                                           FROZEN)
+    dropout: float = key(0.0, "dropout in the residual blocks", FROZEN)
 
 
 @dataclass
 class DiffusionConfig:
-    steps: int = 1000
-    beta_schedule: Literal["linear", "cosine"] = "linear"
-    loss: Literal["hybrid", "mse"] = "hybrid"  # hybrid: learned variance, as the code-along
-    cfg_dropout: float = 0.1  # probability a label is replaced by the learned null embedding
-    clamp_x0: bool = True
+    steps: int = key(1000, "noise levels of the forward process", FROZEN)
+    beta_schedule: Literal["linear", "cosine"] = key("linear", "noise schedule", FROZEN)
+    loss: Literal["hybrid", "mse"] = key("hybrid", "hybrid: learned variance (the "
+                                         "code-along's); mse: noise prediction only", FROZEN)
+    cfg_dropout: float = key(0.1, "probability a label is replaced by the learned null "
+                             "embedding (what classifier-free guidance needs)", FROZEN)
+    clamp_x0: bool = key(True, "clamp the predicted clean image to [-1, 1] when sampling",
+                         FROZEN)
 
 
 @dataclass
 class DataConfig:
-    dataset: DatasetName = "fashion_mnist"
-    root: str = "data"  # torchvision datasets, FID reference statistics, folder check cache
-    path: str | None = None  # image_folder: a folder of class subfolders (or of images)
-    download: bool = False
-    debian_dir: str = "/usr/share/datasets/fashion-mnist"
-    loader: Literal["auto", "memory", "stream"] = "auto"  # auto: memory if it fits in 2 GiB
-    num_workers: int = 4  # stream loader (and the image check): decoding worker processes
-    hflip: bool = False  # random horizontal flips, drawn per sample from (seed, step, index)
-    class_conditional: bool = True  # false: one class, an unconditional model
-    channels: int = 0  # image_folder: 0 = 3 if any image is in colour, else 1; or 1 or 3
+    dataset: DatasetName = key("fashion_mnist", "fashion_mnist, mnist, cifar10, or "
+                               "image_folder (with data.path)", SAME_DATA)
+    root: str = key("data", "torchvision datasets, FID reference statistics and the folder "
+                    "check's cache live here", SAME_DATA)
+    path: str | None = key(None, "image_folder: a folder of class subfolders (or of images)",
+                           SAME_DATA)
+    download: bool = key(False, "let torchvision download the dataset (off: Debian's "
+                         "Fashion-MNIST, or files already in data.root)")
+    debian_dir: str = key("/usr/share/datasets/fashion-mnist", "Debian's dataset-fashion-mnist "
+                          "files, used when data.root has none")
+    loader: Literal["auto", "memory", "stream"] = key("auto", "memory (decoded once), stream "
+                                                      "(decoding workers), auto: memory if it "
+                                                      "fits in 2 GiB")
+    num_workers: int = key(4, "stream loader and image check: decoding processes per rank")
+    hflip: bool = key(False, "random horizontal flips, drawn per sample from (seed, step, "
+                      "index)")
+    class_conditional: bool = key(True, "false: one class, an unconditional model",
+                                  "refused if it changes the model's classes")
+    channels: int = key(0, "image_folder: 1 or 3, or 0 (3 if any image is in colour, else 1)",
+                        "refused if it changes the model's channels")
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 192  # global: summed over ranks and accumulation micro-steps
-    grad_accum: int = 1
-    max_steps: int = 1000
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    lr_schedule: Literal["constant", "cosine"] = "constant"  # after the warmup
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
-    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping (the norm is still logged)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where it is native
-    channels_last: bool = False
-    compile: bool = False
-    ema_halflife_kimg: float = 10.0  # EMA half-life in thousands of training images (EDM)
-    ema_rampup_ratio: float = 0.05  # half-life never exceeds this fraction of images seen
-    # Post-hoc EMA (EDM2): power-function EMAs of these relative lengths, snapshotted every N
-    # steps to out_dir/posthoc/, from which `ddp-diffusion ema` makes an EMA of any length.
-    ema_posthoc: bool = False
-    ema_posthoc_sigma_rels: list[float] = field(default_factory=lambda: [0.05, 0.10])
-    ema_posthoc_every: int = 500
-    log_every: int = 10
-    sample_every: int = 500
-    ckpt_every: int = 500
-    keep_last: int = 3  # newest checkpoints of this run kept; 0 = keep all
-    milestone_every: int = 0  # also keep every checkpoint whose step is a multiple of this
-    resume: str = "auto"  # auto | never | PATH to a checkpoint
-    lock_wait_s: float = 300.0  # a requeued job waits this long for its predecessor's lock
-    max_nonfinite: int = 5  # abort after this many non-finite losses in a row
-    sync_every: int = 10  # the host waits for the device (stop agreement, non-finite report)
-    deterministic: bool = False  # deterministic kernels, no cuDNN autotuning: bitwise on CUDA
-    peak_tflops: float = 0.0  # per device, for the logged fraction of peak; 0 = GPU table
-    num_threads: int = 0  # CPU threads per rank; 0 = cores / local ranks
-    profile_steps: int = 0  # torch.profiler over this many steps -> out_dir/profile.txt
-    time_limit_minutes: float = 0.0  # save and stop (exit 0) after this long in the loop; 0 = off
+    batch_size: int = key(192, "global batch: summed over ranks and accumulation micro-steps; "
+                          "must divide by world size x grad_accum", FROZEN)
+    grad_accum: int = key(1, "micro-steps per optimizer step (DDP no_sync on all but the last)")
+    max_steps: int = key(1000, "optimizer steps to train (also the cosine schedule's length)")
+    lr: float = key(1e-4, "AdamW learning rate (after the warmup)")
+    weight_decay: float = key(0.0, "AdamW weight decay")
+    adam_betas: list[float] = key([0.9, 0.999], "AdamW betas, two numbers in [0, 1)")
+    lr_schedule: Literal["constant", "cosine"] = key("constant", "after the warmup: constant, "
+                                                     "or cosine down to min_lr_ratio x lr")
+    warmup_steps: int = key(0, "linear warmup from 0 to lr over this many steps")
+    min_lr_ratio: float = key(0.0, "cosine floor as a fraction of lr")
+    grad_clip: float = key(1.0, "max global gradient norm; 0: no clipping (the norm is still "
+                           "logged)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = key(
+        "auto", "bf16 or fp16 autocast (fp16 with a loss scale), fp32; auto: bf16 where it is "
+        "native")
+    channels_last: bool = key(False, "channels-last memory format")
+    compile: bool = key(False, "torch.compile the model (slow to compile on CPU)")
+    ema_halflife_kimg: float = key(10.0, "EMA half-life in thousands of training images (EDM)")
+    ema_rampup_ratio: float = key(0.05, "the half-life never exceeds this fraction of the "
+                                  "images seen")
+    ema_posthoc: bool = key(False, "post-hoc EMA (EDM2): track power-function EMAs and "
+                            "snapshot them, so `ddp-diffusion ema` makes an EMA of any length",
+                            FROZEN)
+    ema_posthoc_sigma_rels: list[float] = key([0.05, 0.10], "the post-hoc EMAs' relative "
+                                              "lengths, each in (0, 0.2887]", FROZEN)
+    ema_posthoc_every: int = key(500, "steps between post-hoc snapshots (and the last step), "
+                                 "written to out_dir/posthoc/")
+    log_every: int = key(10, "steps between metrics lines (metrics.jsonl, W&B, the console)")
+    sample_every: int = key(500, "steps between sample grids in out_dir/samples/ (0: none)")
+    ckpt_every: int = key(500, "steps between checkpoints (and the last step, and on a stop)")
+    keep_last: int = key(3, "newest checkpoints of this run kept; 0: keep all")
+    milestone_every: int = key(0, "also keep every checkpoint whose step is a multiple of this "
+                               "(0: none)")
+    resume: str = key("auto", "auto (the newest checkpoint that loads), never (a new run; an "
+                      "earlier one is moved aside), or the path of a ckpt-*.pt file",
+                      "read when the run starts")
+    lock_wait_s: float = key(300.0, "seconds a requeued job waits for its predecessor to "
+                             "release out_dir")
+    max_nonfinite: int = key(5, "abort after this many non-finite losses in a row (each is "
+                             "skipped)")
+    sync_every: int = key(10, "steps between the host's waits for the device (stop agreement, "
+                          "non-finite report)")
+    deterministic: bool = key(False, "deterministic kernels, no cuDNN autotuning: a GPU run "
+                              "repeats and resumes bit for bit (slower)")
+    peak_tflops: float = key(0.0, "peak TFLOP/s of one device, for the logged fraction of "
+                             "peak; 0: the GPU table (none on CPU)")
+    num_threads: int = key(0, "CPU threads per rank; 0: cores / local ranks")
+    profile_steps: int = key(0, "torch.profiler over this many steps: out_dir/profile.txt and "
+                             "a Perfetto trace")
+    time_limit_minutes: float = key(0.0, "save a checkpoint and exit 0 at the first sync point "
+                                    "after this long in the loop; 0: off")
 
 
 @dataclass
 class SampleConfig:
-    # SDE DPM-Solver++ at 25 evaluations: within 10% of DDPM 250's FID (docs/evaluation.md)
-    sampler: Sampler = "sde-dpm++"
-    steps: int = 25
-    guidance: float = 2.0  # CFGuidance: (1+g)*cond - g*uncond, so 0 means no guidance
-    eta: float = 0.0  # DDIM only
-    per_class: int = 8
-    use_ema: bool = True  # grids from the EMA weights (the sample command: --no-ema)
+    sampler: Sampler = key("sde-dpm++", "sampler of grids and `sample` (SDE DPM-Solver++ at 25 "
+                           "evaluations is within 10% of DDPM 250's FID)")
+    steps: int = key(25, "network evaluations per image (at most diffusion.steps)")
+    guidance: float = key(2.0, "classifier-free guidance g in (1+g)*cond - g*uncond: 0 means "
+                          "none")
+    eta: float = key(0.0, "DDIM only: 0 deterministic, 1 as stochastic as DDPM")
+    per_class: int = key(8, "images per class in a grid")
+    use_ema: bool = key(True, "grids from the EMA weights (the sample command: --no-ema)")
 
 
 @dataclass
 class FidConfig:
-    every: int = 0  # in training: FID with the EMA weights every N steps, on all ranks (0 = off)
-    num_samples: int = 2000  # generated images per evaluation (the fid command: 10000)
-    sampler: Sampler = "sde-dpm++"  # eta (ddim only): sample.eta
-    steps: int = 25
-    guidance: float = 2.0
-    features: Literal["fashion", "inception"] = "fashion"  # inception: torchmetrics 2048-d
-    reference: Literal["train", "test"] = "train"  # real images: train (60k) or test (10k)
-    inception_weights: str | None = None  # local weights-inception-2015-12-05-6726825d.pth
-    # real statistics (mu, sigma) in an .npz, e.g. published ones, instead of `reference`'s
-    ref_stats: str | None = None
-    batch_size: int = 250  # images per generation chunk; the sample set depends on it
+    every: int = key(0, "in training: FID with the EMA weights every N steps, on all ranks (0: "
+                     "off)")
+    num_samples: int = key(2000, "generated images per evaluation (the fid command: 10000)")
+    sampler: Sampler = key("sde-dpm++", "sampler of FID's images (eta: sample.eta)")
+    steps: int = key(25, "network evaluations per image")
+    guidance: float = key(2.0, "classifier-free guidance of FID's images")
+    features: Literal["fashion", "inception"] = key("fashion", "fashion: the shipped "
+                                                    "classifier's; inception: torchmetrics' "
+                                                    "2048-d")
+    reference: Literal["train", "test"] = key("train", "the real images: the train or the test "
+                                              "split")
+    inception_weights: str | None = key(None, "a local weights-inception-2015-12-05-6726825d"
+                                        ".pth (no download)")
+    ref_stats: str | None = key(None, "real statistics (mu, sigma) in an .npz, e.g. published "
+                                "ones, instead of fid.reference's")
+    batch_size: int = key(250, "images per generation chunk; the sample set depends on it")
 
 
 @dataclass
 class TrackingConfig:
-    wandb: Literal["offline", "online", "disabled"] = "offline"
-    project: str = "ddp-diffusion"
-    entity: str | None = None
-    name: str | None = None
-    tags: list[str] = field(default_factory=list)
+    wandb: Literal["offline", "online", "disabled"] = key("offline", "offline (no account; "
+                                                          "`wandb sync` later), online, "
+                                                          "disabled")
+    project: str = key("ddp-diffusion", "W&B project")
+    entity: str | None = key(None, "W&B entity (team or user); null: your default")
+    name: str | None = key(None, "W&B run name; null: out_dir's name")
+    tags: list[str] = key([], "W&B tags")
 
 
 @dataclass
@@ -147,8 +210,8 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     fid: FidConfig = field(default_factory=FidConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    out_dir: str = "runs/default"
-    seed: int = 0
+    out_dir: str = key("runs/default", "the run directory: checkpoints, metrics, grids, config")
+    seed: int = key(0, "every random draw (data order, noise, dropout, sampling)", FROZEN)
 
 
 TRUE_WORDS = ("true", "yes", "1", "on")
@@ -170,6 +233,22 @@ def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
         else:
             keys.append(prefix + name)
     return keys
+
+
+def _frozen(cls: type = Config, prefix: str = "") -> list[str]:
+    """The keys whose field says FROZEN."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += _frozen(hints[f.name], f"{prefix}{f.name}.")
+        elif f.metadata["resume"] == FROZEN:
+            keys.append(prefix + f.name)
+    return keys
+
+
+# The keys a run cannot resume with changed (checkpoint.check_compatible).
+FROZEN_KEYS = tuple(_frozen())
 
 
 def _unknown_key(key: str) -> UserError:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from ddp_diffusion import config, registry
+from ddp_diffusion import checkpoint, config, config_docs, registry
 from ddp_diffusion.diffusion import build_denoiser
 from ddp_diffusion.errors import UserError
 
@@ -108,3 +108,86 @@ def test_config_and_the_command_line_load_and_validate_without_torch() -> None:
             "config.load(None, ['model.name=seed_unet', 'data.dataset=mnist']); "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+
+
+# ------------------------------------------------------------------ every key, described
+
+
+def config_command(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ddp_diffusion", "config", *args], cwd=REPO,
+                          capture_output=True, text=True)
+
+
+def test_every_key_has_a_doc_and_a_resume_policy_from_its_field() -> None:
+    docs = config_docs.key_docs()
+    assert [d.key for d in docs] == config.all_keys()
+    assert all(d.doc and d.resume for d in docs)
+    by_key = {d.key: d for d in docs}
+    assert by_key["train.precision"].type == "one of auto, fp32, bf16, fp16"
+    assert by_key["fid.ref_stats"].type == "str or null"
+    assert by_key["model.channel_mult"].type == "list of int"
+    # The frozen keys (the README's prose names them) are those whose field says so.
+    assert set(config.FROZEN_KEYS) == {d.key for d in docs if d.resume == config.FROZEN} == {
+        *(k for k in config.all_keys() if k.startswith(("model.", "diffusion."))), "seed",
+        "train.batch_size", "train.ema_posthoc", "train.ema_posthoc_sigma_rels"}
+    saved = config.to_dict(config.Config())
+    for key, value in (("train.lr", 1.0), ("train.ema_posthoc_every", 7),
+                       ("model.dropout", 0.5), ("diffusion.clamp_x0", False)):
+        changed = config.Config()
+        config.set_key(changed, key, value)
+        frozen = checkpoint.frozen_changes(saved, config.to_dict(changed))
+        assert frozen == ([f"{key}: {config.flatten(saved)[key]} -> {value}"]
+                          if key in config.FROZEN_KEYS else [])
+
+
+def test_the_readme_table_is_the_generated_one() -> None:
+    readme = (REPO / "README.md").read_text()
+    begin, end = readme.index(config_docs.README_BEGIN), readme.index(config_docs.README_END)
+    assert readme[begin:end + len(config_docs.README_END)] + "\n" == config_docs.markdown(), (
+        "the README's config table is out of date: paste `ddp-diffusion config --format "
+        "markdown` over it")
+
+
+@pytest.mark.parametrize("args", [
+    [],
+    ["--config", "configs/quickstart_cpu.yaml", "train.lr=2e-4", "fid.ref_stats=ref.npz",
+     "tracking.tags=[a,b]", "model.num_classes=10"],
+])
+def test_the_yaml_it_writes_is_a_complete_config_train_reads_back(tmp_path: Path,
+                                                                  args: list[str]) -> None:
+    proc = config_command(*args, "--format", "yaml")
+    assert proc.returncode == 0, proc.stderr
+    path = tmp_path / "all.yaml"
+    path.write_text(proc.stdout)
+    flags = [a for a in args if "=" not in a]
+    expected = config.load(flags[1] if flags else None, [a for a in args if "=" in a])
+    assert config.load(path) == expected
+    written = yaml.safe_load(proc.stdout)
+    assert sorted(config.flatten(written)) == sorted(config.all_keys())  # every key, explicit
+    comments = [line.strip() for line in proc.stdout.splitlines() if line.strip()
+                .startswith("#")]
+    assert len(comments) == 1 + len(config.all_keys())  # the title, then one per key
+    assert "# AdamW learning rate (after the warmup) (float" in proc.stdout
+
+
+def test_the_text_shows_each_value_its_default_where_it_differs_and_the_resume_policy() -> None:
+    proc = config_command("train.lr=2e-4", "seed=3")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2 * len(config.all_keys())
+    at = lines.index("train.lr = 0.0002  (default 0.0001)")
+    assert lines[at + 1] == ("    AdamW learning rate (after the warmup) (float; on resume: "
+                             "takes effect)")
+    assert lines[lines.index("seed = 3  (default 0)") + 1].endswith("(int; on resume: frozen)")
+    assert "train.max_steps = 1000" in lines  # unchanged: no default repeated
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["train.lrr=1"], "error: unknown config key 'train.lrr'; did you mean 'train.lr'?"),
+    (["--config", "missing.yaml"], "error: config file missing.yaml does not exist"),
+    (["train.ckpt_every=0"], "error: train.ckpt_every=0 must be >= 1"),
+])
+def test_bad_config_input_is_one_line(args: list[str], message: str) -> None:
+    proc = config_command(*args)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip() == message
