@@ -35,9 +35,9 @@ def _train(args: argparse.Namespace) -> int:
         from ddp_diffusion import config
 
         cfg = config.load(args.config, args.overrides)  # torch-free: a bad setting fails fast
-        from ddp_diffusion.train import train
+        from ddp_diffusion.train import dry_run, train
 
-        return train(cfg, stop)
+        return dry_run(cfg) if args.dry_run else train(cfg, stop)
     finally:
         signals.ignore_stop_signals()  # this process only exits from here on
 
@@ -66,6 +66,17 @@ def _check_flags(args: argparse.Namespace) -> None:
         check_finite("--guidance", args.guidance)
     check(args.ema_weights is None or args.ema is not False,
           "--ema-weights replaces the EMA weights; drop --no-ema (or --ema-weights)")
+    check((args.run is None) != (args.weights is None),
+          "give --run RUN (a run directory) or --weights model.safetensors (written by "
+          "ddp-diffusion export), one of them")
+    if args.weights:
+        given = [flag for flag, unset in (("--checkpoint", args.checkpoint is None),
+                                          ("--ema-weights", args.ema_weights is None),
+                                          ("--ema/--no-ema", args.ema is None))
+                 if not unset]
+        check(not given, f"{given[0] if given else ''} chooses weights from a run directory; "
+                         "a --weights file holds one set (export another with ddp-diffusion "
+                         "export --no-ema or --ema-weights)")
 
 
 def _overrides(args: argparse.Namespace, flags: tuple[str, ...]) -> dict[str, object]:
@@ -73,13 +84,24 @@ def _overrides(args: argparse.Namespace, flags: tuple[str, ...]) -> dict[str, ob
     return {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
 
 
+def _load(args: argparse.Namespace, device: Any) -> Any:
+    """The run the flags name, on `device`: a --weights file, or --run's checkpoint with the
+    weights --ema/--no-ema/--ema-weights choose."""
+    if args.weights:
+        from ddp_diffusion import weights
+
+        return weights.read(Path(args.weights), device)
+    from ddp_diffusion.runs import load_run
+
+    return load_run(Path(args.run), args.checkpoint and Path(args.checkpoint), args.ema, device,
+                    args.ema_weights and Path(args.ema_weights))
+
+
 def _sampling(args: argparse.Namespace, device: Any) -> tuple[Any, list[int], Any]:
     """The run (on `device`), the classes and the sample settings the sample flags ask for."""
-    from ddp_diffusion.runs import load_run
     from ddp_diffusion.sample import parse_classes
 
-    run = load_run(Path(args.run), args.checkpoint and Path(args.checkpoint), args.ema, device,
-                   args.ema_weights and Path(args.ema_weights))
+    run = _load(args, device)
     classes = parse_classes(args.classes, run.class_names)
     s = dataclasses.replace(run.cfg.sample, **_overrides(args, SAMPLE_FLAGS))
     check_sample(s, run.diffusion.num_timesteps, prefix="--")
@@ -96,7 +118,7 @@ def _sample(args: argparse.Namespace) -> int:
     check(len(outputs) == 1, "sample writes one of: --out grid.png (a labelled grid), "
                              "--out-npz samples.npz or --out-dir folder (--num-samples images)")
     if outputs != ["out"]:
-        return _export(args)
+        return _sample_set(args)
     check(args.num_samples is None, "--num-samples is for --out-npz or --out-dir; a grid has "
                                     "--per-class images of each of --classes")
     out = Path(args.out)
@@ -124,7 +146,7 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export(args: argparse.Namespace) -> int:
+def _sample_set(args: argparse.Namespace) -> int:
     import json
 
     from ddp_diffusion.files import check_writable
@@ -148,8 +170,10 @@ def _export(args: argparse.Namespace) -> int:
         run, classes, s = _sampling(args, env.device)
         samples = SampleSet(args.num_samples, args.batch_size, tuple(classes), s.sampler, s.steps,
                             s.guidance, s.eta, args.seed, args.precision)
-        identity = {"run": str(Path(args.run).resolve()), "step": run.step,
-                    "ema": run.cfg.sample.use_ema if args.ema is None else args.ema}
+        identity = ({"weights": str(Path(args.weights).resolve()), "step": run.step}
+                    if args.weights else
+                    {"run": str(Path(args.run).resolve()), "step": run.step,
+                     "ema": run.cfg.sample.use_ema if args.ema is None else args.ema})
         if args.ema_weights:
             identity["ema_weights"] = str(Path(args.ema_weights).resolve())
         m = run.cfg.model
@@ -169,14 +193,14 @@ def _fid(args: argparse.Namespace) -> int:
     from ddp_diffusion import distributed
     from ddp_diffusion.fid import evaluate, local_paths
     from ddp_diffusion.files import check_writable, write_atomic
-    from ddp_diffusion.runs import load_run
 
     env = distributed.init()
     try:
         if args.out:  # only rank 0 writes it
             distributed.run_on_main(env.is_main, lambda: check_writable(Path(args.out), "--out"))
-        run = load_run(Path(args.run), args.checkpoint and Path(args.checkpoint), args.ema,
-                       env.device, args.ema_weights and Path(args.ema_weights))
+        if args.run and args.ema is None:
+            args.ema = True  # fid scores the EMA weights unless told otherwise
+        run = _load(args, env.device)
         fc = dataclasses.replace(run.cfg.fid, inception_weights=args.inception_weights,
                                  ref_stats=args.ref_stats, **_overrides(args, FID_FLAGS))
         check_fid(fc, run.diffusion.num_timesteps, prefix="--")
@@ -184,7 +208,8 @@ def _fid(args: argparse.Namespace) -> int:
                           args.ref_stats)
         if args.eta is not None:
             cfg.sample.eta = args.eta
-        result = {"run": args.run, "checkpoint": args.checkpoint, "step": run.step,
+        result = {**({"weights": args.weights} if args.weights else
+                     {"run": args.run, "checkpoint": args.checkpoint}), "step": run.step,
                   **({"ema_weights": args.ema_weights} if args.ema_weights else {}),
                   **evaluate(run.denoiser, run.diffusion, cfg, fc, args.seed, args.precision)}
         if env.is_main:
@@ -195,6 +220,29 @@ def _fid(args: argparse.Namespace) -> int:
         return 0
     finally:
         distributed.shutdown()
+
+
+def _export_weights(args: argparse.Namespace) -> int:
+    import json
+
+    from ddp_diffusion.files import check_writable
+
+    out = Path(args.out)
+    check(out.suffix == ".safetensors", f"--out {out}: name a .safetensors file")
+    check(args.ema_weights is None or args.ema, "--ema-weights replaces the EMA weights; drop "
+                                                "--no-ema (or --ema-weights)")
+    check_writable(out, "--out")
+    import torch
+
+    from ddp_diffusion import weights
+    from ddp_diffusion.runs import load_run
+
+    run = load_run(Path(args.run), args.checkpoint and Path(args.checkpoint), args.ema,
+                   torch.device("cpu"), args.ema_weights and Path(args.ema_weights))
+    source = ({"weights": "ema_weights", "file": Path(args.ema_weights).name}
+              if args.ema_weights else {"weights": "ema" if args.ema else "raw"})
+    print(json.dumps(weights.write(run, source, out)))
+    return 0
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -300,6 +348,11 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config (defaults when omitted)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check everything train checks before it changes anything (under "
+                        "torchrun too) and print what it would do: the config's changes, batch "
+                        "per rank, parameters, GFLOP, memory, the data, the checkpoint it would "
+                        "resume and what it would move aside, the W&B run; writes nothing")
     p.set_defaults(func=_train)
 
     p = sub.add_parser(
@@ -321,8 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "reads; or PNGs + EDM's dataset.json), on every rank under torchrun, the "
                     "same set for any world size, resumable; with fid's settings (--sampler, "
                     "--steps, --guidance, --batch-size, --seed) the very images fid scores.")
-    p.add_argument("--run", "--run-dir", dest="run", required=True,
+    p.add_argument("--run", "--run-dir", dest="run",
                    help="run directory (its out_dir); --run-dir under torchrun")
+    p.add_argument("--weights", metavar="FILE.safetensors",
+                   help="weights written by ddp-diffusion export, instead of --run")
     p.add_argument("--checkpoint", help="checkpoint file (default: newest in RUN/checkpoints)")
     p.add_argument("--classes", default="all",
                    help="'all' or names/indices, e.g. sneaker,bag or 7,8 (default: all)")
@@ -356,8 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "--data-root).")
     # torchrun's own parser rejects a later '--run' (ambiguous with its --run-path): use
     # --run-dir under torchrun.
-    p.add_argument("--run", "--run-dir", dest="run", required=True,
+    p.add_argument("--run", "--run-dir", dest="run",
                    help="run directory (its out_dir); --run-dir under torchrun")
+    p.add_argument("--weights", metavar="FILE.safetensors",
+                   help="weights written by ddp-diffusion export, instead of --run")
     p.add_argument("--checkpoint", help="checkpoint file (default: newest in RUN/checkpoints)")
     p.add_argument("--num-samples", type=int, default=10000)
     p.add_argument("--sampler", choices=list(SAMPLERS))
@@ -383,13 +440,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="images per generation chunk")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
-                   help="EMA weights (default; --no-ema: the raw ones)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction,
+                   help="EMA weights (the default; --no-ema: the raw ones)")
     p.add_argument("--ema-weights", metavar="FILE",
                    help="use these weights (written by `ddp-diffusion ema`) instead of the "
                         "checkpoint's EMA")
     p.add_argument("--out", help="also write the JSON result here")
     p.set_defaults(func=_fid)
+
+    p = sub.add_parser(
+        "export", help="a run's weights as one .safetensors file to hand over",
+        description="The network's weights (EMA by default; --no-ema: the raw ones; "
+                    "--ema-weights: a post-hoc EMA) as safetensors: tensors only, no optimizer "
+                    "or progress, with the model, diffusion, data, sample and fid settings and "
+                    "the class names as metadata (no local paths). sample and fid take it with "
+                    "--weights, without the run directory.")
+    p.add_argument("--run", "--run-dir", dest="run", required=True, help="run directory")
+    p.add_argument("--checkpoint", help="checkpoint file (default: newest in RUN/checkpoints)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="EMA weights (default; --no-ema: the raw ones)")
+    p.add_argument("--ema-weights", metavar="FILE",
+                   help="these weights (written by `ddp-diffusion ema`) instead of the "
+                        "checkpoint's EMA")
+    p.add_argument("--out", required=True, help="the .safetensors file to write")
+    p.set_defaults(func=_export_weights)
 
     p = sub.add_parser(
         "fid-ref", help="write the real statistics fid compares with as an .npz (mu, sigma)",

@@ -163,39 +163,62 @@ def start_profiler(steps: int, out_dir: Path, env: DistEnv) -> torch.profiler.pr
     return prof
 
 
-def prepare_run_dir(cfg: Config, lock: rundir.RunLock) -> tuple[ResumePlan, Tracker]:
-    """Rank 0, before any training: lock out_dir, remove stale temp files, decide what to resume
-    from (unusable or incompatible checkpoints are refused before anything changes), move an
-    earlier run's files aside, write the resolved config and start the tracker."""
+@dataclass
+class RunDirPlan:
+    """What starting a run does to its directory, decided by reading it only."""
+
+    resume: ResumePlan
+    saved: dict[str, Any]  # the progress part of the checkpoint resumed ({}: a fresh start)
+    snapshots_aside: list[Path]  # post-hoc snapshots that move aside with newer checkpoints
+    metrics: str | None  # metrics.jsonl as it is kept (None: none, or a new run)
+
+
+def plan_run_dir(cfg: Config) -> RunDirPlan:
+    """Read out_dir and decide what to resume from (unusable or incompatible checkpoints and a
+    bad metrics line are refused) and what moves aside; changes nothing."""
     out_dir = Path(cfg.out_dir)
     rundir.check_layout(out_dir)
-    lock.acquire(cfg.train.lock_wait_s)
-    rundir.remove_stale_temp_files(out_dir)
     plan = checkpoint.plan_resume(cfg.train.resume, out_dir / rundir.CHECKPOINTS)
     if plan.state is not None:
         checkpoint.check_compatible(plan.state["config"], config.to_dict(cfg), plan.path)
     saved = plan.state[Part.PROGRESS] if plan.state is not None else {}
     metrics = None if plan.new_run else metrics_kept(out_dir / rundir.METRICS,
                                                      saved.get("step", 0))
-    # W&B starts (or fails with one line) before anything of an earlier run is moved.
-    tracker = Tracker(cfg, saved.get("run_id") or new_run_id(), active=True)
     # Post-hoc snapshots past the resumed step are of steps this run trains again (or, from an
     # older checkpoint, of another lineage): archived, so no reconstruction mixes the two.
     newer = [] if plan.new_run else [p for s, p in rundir.list_snapshots(out_dir)
                                      if s > saved.get("step", 0)]
-    rundir.move_aside(out_dir, plan.move_aside, plan.new_run, newer)
+    return RunDirPlan(plan, saved, newer, metrics)
+
+
+def prepare_run_dir(cfg: Config, lock: rundir.RunLock) -> tuple[ResumePlan, Tracker]:
+    """Rank 0, before any training: lock out_dir, remove stale temp files, plan_run_dir, move
+    an earlier run's files aside, write the resolved config and start the tracker."""
+    out_dir = Path(cfg.out_dir)
+    rundir.check_layout(out_dir)
+    lock.acquire(cfg.train.lock_wait_s)
+    rundir.remove_stale_temp_files(out_dir)
+    p = plan_run_dir(cfg)
+    # W&B starts (or fails with one line) before anything of an earlier run is moved.
+    tracker = Tracker(cfg, p.saved.get("run_id") or new_run_id(), active=True)
+    rundir.move_aside(out_dir, p.resume.move_aside, p.resume.new_run, p.snapshots_aside)
     config.save(cfg, out_dir / rundir.CONFIG)
-    if metrics is not None:
-        files.write_text_atomic(out_dir / rundir.METRICS, metrics)
-    return plan, tracker
+    if p.metrics is not None:
+        files.write_text_atomic(out_dir / rundir.METRICS, p.metrics)
+    return p.resume, tracker
+
+
+def activations_needed(model: nn.Module, cfg: Config, micro: int, precision: str) -> int:
+    """Bytes of activations a micro-batch keeps for its backward (a lower bound)."""
+    per_image = activation_bytes(model, cfg.model.image_size, cfg.model.in_channels)
+    return micro * per_image // (1 if precision == "fp32" else 2)  # autocast halves most
 
 
 def check_memory(model: nn.Module, cfg: Config, micro: int, precision: str, env: DistEnv
                  ) -> None:
     """Refuse, on every rank and before the run directory is touched, a micro-batch whose
     activations alone (a lower bound of what training needs) exceed the free memory."""
-    per_image = activation_bytes(model, cfg.model.image_size, cfg.model.in_channels)
-    need = micro * per_image // (1 if precision == "fp32" else 2)  # autocast halves most
+    need = activations_needed(model, cfg, micro, precision)
     free = free_memory_bytes(env.device)
     if distributed.agree_any([need > free])[0]:
         raise UserError(
@@ -546,6 +569,43 @@ class SyncPoint:
         return EXIT_PREEMPTED
 
 
+@dataclass
+class Setup:
+    """What a run is built from, all checked before its directory is touched."""
+
+    cfg: Config  # with the data's number of classes and channels filled in
+    source: Any  # sources.ImageSource
+    diffusion: Diffusion
+    model: nn.Module  # on the device, the same initial weights on every rank
+    micro: int  # images per rank per micro-step
+    precision: str
+    gflop: float  # forward, per image
+
+
+def set_up(cfg: Config, env: DistEnv) -> Setup:
+    """The batch split, precision, data, model and memory check of a run (every rank)."""
+    tc = cfg.train
+    micro = check_batch(tc.batch_size, env.world_size, tc.grad_accum)
+    precision = resolve_precision(tc.precision, env.device)
+    if precision == "bf16" and not bf16_is_fast(env.device):
+        log.warning("train.precision=bf16 but this %s has no native bf16 convolutions: expect it "
+                    "to be several times slower than fp32 (use train.precision=auto)",
+                    env.device.type)
+    # Data first (fails fast, every image file checked): it decides the model's input channels
+    # and number of classes.
+    source = open_source(cfg.data, cfg.model.image_size, cfg.data.num_workers)
+    cfg = dataclasses.replace(cfg, model=config.with_data_shape(
+        cfg.model, len(source.class_names), source.channels))
+    check_fits(tc.batch_size, len(source))
+    # The model (same init on every rank: DDP checks), and whether a micro-batch fits.
+    torch.manual_seed(cfg.seed)
+    diffusion = Diffusion(cfg.diffusion)
+    model = build_denoiser(cfg.model, diffusion.num_timesteps).to(env.device)
+    gflop = forward_gflops(model, cfg.model.image_size, source.channels)
+    check_memory(model, cfg, micro, precision, env)
+    return Setup(cfg, source, diffusion, model, micro, precision, gflop)
+
+
 class Trainer:
     """One training run, built once in __init__ (data, model, run directory, optimizer, the
     checkpointed parts, loader, and the components that decide their own cadence); `fit` is
@@ -555,27 +615,12 @@ class Trainer:
                  lock: rundir.RunLock) -> None:
         tc = cfg.train
         self.env = env
-        self.micro = check_batch(tc.batch_size, env.world_size, tc.grad_accum)
-        self.precision = precision = resolve_precision(tc.precision, env.device)
-        if precision == "bf16" and not bf16_is_fast(env.device):
-            log.warning("train.precision=bf16 but this %s has no native bf16 convolutions: "
-                        "expect it to be several times slower than fp32 (use "
-                        "train.precision=auto)", env.device.type)
-
-        # Data first (fails fast, every image file checked): it decides the model's input
-        # channels and number of classes.
-        source = open_source(cfg.data, cfg.model.image_size, cfg.data.num_workers)
-        self.cfg = cfg = dataclasses.replace(cfg, model=config.with_data_shape(
-            cfg.model, len(source.class_names), source.channels))
-        check_fits(tc.batch_size, len(source))  # before the run directory is touched
-
-        # The model (same init on every rank: DDP checks), and whether a micro-batch fits.
-        torch.manual_seed(cfg.seed)
-        self.diffusion = Diffusion(cfg.diffusion)
-        self.model = model = build_denoiser(cfg.model, self.diffusion.num_timesteps).to(
-            env.device)
-        gflop = forward_gflops(model, cfg.model.image_size, source.channels)
-        check_memory(model, cfg, self.micro, precision, env)
+        setup = set_up(cfg, env)
+        self.cfg = cfg = setup.cfg
+        self.micro, self.precision = setup.micro, setup.precision
+        precision = setup.precision
+        self.diffusion, self.model = setup.diffusion, setup.model
+        source, model, gflop = setup.source, setup.model, setup.gflop
 
         state, resume_path, tracker = take_run_dir(cfg, env, lock)
         peak = peak_tflops(env.device, precision, tc.peak_tflops)
@@ -685,6 +730,72 @@ class Trainer:
             if self.profiler is not None:
                 self.profiler.stop()
             self.metrics.close()
+
+
+def dry_run_report(given: Config, s: Setup, plan: RunDirPlan, env: DistEnv) -> str:
+    """What train would do with this config, in words (rank 0 has the plan)."""
+    from ddp_diffusion.config_docs import key_docs, yaml_value
+
+    cfg, tc, r = s.cfg, s.cfg.train, plan.resume
+    changed = [f"  {d.key} = {yaml_value(d.value)} (default {yaml_value(d.default)})"
+               for d in key_docs(given) if d.value != d.default]
+    params = sum(p.numel() for p in s.model.parameters())
+    copies = 5 + (len(tc.ema_posthoc_sigma_rels) if tc.ema_posthoc else 0)  # fp32: see below
+    states = params * 4 * copies
+    acts = activations_needed(s.model, cfg, s.micro, s.precision)
+    src = s.source
+    step = int(plan.saved.get("step", 0))
+    if r.path is None:
+        resume = "start a new run at step 0"
+    else:
+        resume = f"resume from {r.path} (step {step})"
+    out_dir = Path(cfg.out_dir)
+    earlier = r.new_run and any((out_dir / n).exists() for n in rundir.RUN_FILES)
+    if r.move_aside or plan.snapshots_aside or earlier:
+        aside = (f"move {len(r.move_aside)} checkpoint(s) and "
+                 + ("the earlier run's metrics, config, grids and post-hoc snapshots" if r.new_run
+                    else f"{len(plan.snapshots_aside)} post-hoc snapshot(s)")
+                 + f" to {out_dir / rundir.ARCHIVE}/")
+    else:
+        aside = "move nothing aside"
+    run_id = plan.saved.get("run_id")
+    wandb = ("W&B: disabled" if cfg.tracking.wandb == "disabled" else
+             f"W&B ({cfg.tracking.wandb}): continue run {run_id}" if run_id and not r.new_run
+             else f"W&B ({cfg.tracking.wandb}): a new run")
+    return "\n".join([
+        "dry run: everything train checks before it changes anything passed; nothing was "
+        "trained or written",
+        f"config: {len(changed)} key(s) differ from the defaults" + (":" if changed else ""),
+        *changed,
+        f"world size {env.world_size} ({env.device.type}, {s.precision}): global batch "
+        f"{tc.batch_size} = {env.world_size} rank(s) x {tc.grad_accum} micro-step(s) x "
+        f"{s.micro} image(s) per micro-batch",
+        f"model {cfg.model.name}: {params / 1e6:.2f}M parameters, {s.gflop:.3f} GFLOP forward "
+        "per image",
+        # fp32 weights, gradients, AdamW's two moments, the EMA and each post-hoc EMA
+        f"memory per rank (estimate): {states / 2**20:.0f} MiB of weights, gradients, optimizer "
+        f"state and EMAs + at least {acts / 2**20:.0f} MiB of activations "
+        f"({s.micro} image(s)) = {(states + acts) / 2**30:.2f} GiB",
+        f"data: {src.dataset}, {len(src)} images, {len(src.class_names)} class(es), "
+        f"{src.channels} channel(s), fingerprint {src.fingerprint}"
+        + (f", content {src.content[:16]}" if src.content else ""),
+        f"out_dir {cfg.out_dir}: {resume}; {aside}",
+        wandb,
+    ])
+
+
+def dry_run(cfg: Config) -> int:
+    """train --dry-run: every check train makes before it changes anything, on every rank, and
+    what it would then do (printed by rank 0); writes nothing."""
+    env = distributed.init(cfg.train.num_threads, cfg.train.deterministic)
+    try:
+        setup = set_up(cfg, env)
+        plan = distributed.run_on_main(env.is_main, lambda: plan_run_dir(setup.cfg))
+        if env.is_main:
+            print(dry_run_report(cfg, setup, plan, env), flush=True)
+        return 0
+    finally:
+        distributed.shutdown()
 
 
 def train(cfg: Config, stop: signals.StopRequest | None = None) -> int:
