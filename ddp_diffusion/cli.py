@@ -46,7 +46,19 @@ def _submit(args: argparse.Namespace) -> int:
     from ddp_diffusion import config, slurm
 
     opts = submit_options.from_args(args)
+    if opts.sweep:
+        slurm.submit_sweep(args.config, args.overrides, opts)
+        return 0
+    check(opts.max_parallel == 0, "--max-parallel limits a --sweep's points; add --sweep "
+                                  "KEY=V1,V2,... or drop it")
     slurm.submit(config.load(args.config, args.overrides), opts)
+    return 0
+
+
+def _sweep_status(args: argparse.Namespace) -> int:
+    from ddp_diffusion import sweeps
+
+    sys.stdout.write(sweeps.status_table(Path(args.folder)))
     return 0
 
 
@@ -496,11 +508,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "submit", help="submit training to SLURM through submitit (requeues on preemption)",
-        description="Submit training to SLURM. Config and overrides as for `train`.")
+        description="Submit training to SLURM. Config and overrides as for `train`. With "
+                    "--sweep KEY=V1,V2 (repeatable): one job array of every combination, point "
+                    "P in OUT_DIR/P (named from its overrides), W&B group OUT_DIR's name.")
     p.add_argument("--config", help="YAML config (defaults when omitted)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     submit_options.add_arguments(p)
     p.set_defaults(func=_submit)
+
+    p = sub.add_parser(
+        "sweep-status", help="each point of a submit --sweep: step, last loss, last FID",
+        description="Reads FOLDER/sweep.yaml and each point's metrics.jsonl.")
+    p.add_argument("folder", help="the sweep's out_dir")
+    p.set_defaults(func=_sweep_status)
     return parser
 
 

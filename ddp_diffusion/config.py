@@ -198,6 +198,8 @@ class TrackingConfig:
     project: str = key("ddp-diffusion", "W&B project")
     entity: str | None = key(None, "W&B entity (team or user); null: your default")
     name: str | None = key(None, "W&B run name; null: out_dir's name")
+    group: str | None = key(None, "W&B group of runs shown together (a sweep sets it to its "
+                            "folder's name)")
     tags: list[str] = key([], "W&B tags")
 
 

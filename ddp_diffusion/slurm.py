@@ -32,8 +32,8 @@ from typing import NoReturn
 import submitit
 from submitit.core import utils as submitit_utils
 
-from ddp_diffusion import checkpoint, rundir
-from ddp_diffusion.config import Config, check_batch
+from ddp_diffusion import checkpoint, rundir, sweeps
+from ddp_diffusion.config import Config, check_batch, load
 from ddp_diffusion.errors import EXIT_PREEMPTED, RequeueLimitReached, UserError
 from ddp_diffusion.signals import STOP_SIGNALS
 from ddp_diffusion.submit_options import SubmitOptions
@@ -115,6 +115,49 @@ def submit(cfg: Config, opts: SubmitOptions) -> submitit.Job:
         print(f"  state:                 squeue -j {job.job_id}; sacct -j {job.job_id}")
         print(f"  cancel:                scancel {job.job_id}")
     return job
+
+
+def submit_sweep(config_path: str | None, overrides: list[str], opts: SubmitOptions
+                 ) -> list[submitit.Job]:
+    """Submit every point of --sweep as one SLURM job array (at most --max-parallel running):
+    point P trains in OUT_DIR/P.name as W&B run P.name of group OUT_DIR's name, each requeued
+    like a single job; OUT_DIR/sweep.yaml records the points. Every point's config is checked
+    before anything is submitted."""
+    base = load(config_path, overrides)
+    folder = Path(base.out_dir)
+    points = sweeps.grid(opts.sweep)
+    cfgs = [load(config_path, [*overrides, *p.overrides, f"out_dir={folder / p.name}",
+                               f"tracking.name={base.tracking.name or p.name}",
+                               f"tracking.group={base.tracking.group or folder.name}"])
+            for p in points]
+    world_size = opts.nodes * opts.tasks
+    for cfg in cfgs:
+        check_batch(cfg.train.batch_size, world_size, cfg.train.grad_accum)
+    sweeps.check_same_points(folder, points)
+    executor = build_executor(opts, str(folder))
+    if opts.max_parallel:
+        executor.update_parameters(slurm_array_parallelism=opts.max_parallel)
+    try:
+        with executor.batch():
+            jobs = [executor.submit(SlurmTrainer(cfg, opts.max_requeues)) for cfg in cfgs]
+    except submitit_utils.FailedJobError as e:
+        raise UserError(f"sbatch refused the job array: {_sbatch_error(e)}") from e
+    array = jobs[0].job_id.split("_")[0]
+    sweeps.write_record(folder, {
+        "config": config_path, "overrides": list(overrides), "job_array": array,
+        "sweep": {k: v for k, v in opts.sweep},
+        "points": [{"name": p.name, "overrides": list(p.overrides), "job": j.job_id,
+                    "max_steps": c.train.max_steps} for p, j, c in zip(points, jobs, cfgs,
+                                                                         strict=True)]})
+    if not opts.local:
+        _check_can_run(array)
+    print(f"submitted job array {array}: {len(jobs)} point(s) of world size {world_size}"
+          + (f", at most {opts.max_parallel} at once" if opts.max_parallel else "")
+          + f"; recorded in {folder / sweeps.SWEEP_FILE}")
+    for p, j in zip(points, jobs, strict=True):
+        print(f"  {j.job_id}: {folder / p.name}")
+    print(f"  status: ddp-diffusion sweep-status {shlex.quote(str(folder))}")
+    return jobs
 
 
 def _check_can_run(job_id: str, wait_s: float = 5.0) -> None:

@@ -32,6 +32,23 @@ def parse_sbatch(items: list[str]) -> dict[str, str | bool]:
     return out
 
 
+def parse_sweep(items: list[str]) -> list[tuple[str, list[str]]]:
+    """--sweep KEY=V1,V2,... (repeatable) as (key, values), in order; one value is allowed."""
+    out: list[tuple[str, list[str]]] = []
+    for item in items:
+        key, sep, values = item.partition("=")
+        parts = [v.strip() for v in values.split(",")]
+        if not sep or not key.strip() or not all(parts):
+            raise UserError(f"--sweep '{item}' must look like KEY=V1,V2,... e.g. "
+                            "train.lr=1e-4,2e-4")
+        if key.strip() in (k for k, _ in out):
+            raise UserError(f"--sweep {key.strip()} is given twice; list all its values in one")
+        if len(set(parts)) != len(parts):
+            raise UserError(f"--sweep '{item}' repeats a value")
+        out.append((key.strip(), parts))
+    return out
+
+
 def _flag(default: Any = None, help: str | None = None, *, submitit: str | None = None,
           flag: str | None = None, metavar: str | None = None,
           parse: Callable[[list[str]], Any] | None = None) -> Any:
@@ -75,6 +92,11 @@ class SubmitOptions:
         120, "USR2 this long before the time limit, to checkpoint and requeue",
         submitit="slurm_signal_delay_s", flag="--signal-delay", metavar="SECONDS")
     max_requeues: int = _flag(10, "how often the job may requeue itself after a stop signal")
+    sweep: list[tuple[str, list[str]]] = _flag(  # noqa: RUF009 (a field with a default_factory)
+        help="a config key's values (repeatable): one SLURM job array of every combination, "
+             "each point in OUT_DIR/<its overrides>/ and its own W&B run in one group",
+        metavar="KEY=V1,V2,...", parse=parse_sweep)
+    max_parallel: int = _flag(0, "with --sweep: at most this many points run at once (0: all)")
 
     @property
     def tasks(self) -> int:

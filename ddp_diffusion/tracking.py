@@ -69,7 +69,8 @@ class Tracker:
             try:
                 self.run = wandb.init(
                     project=cfg.tracking.project, entity=cfg.tracking.entity,
-                    name=cfg.tracking.name, tags=cfg.tracking.tags or None,
+                    name=cfg.tracking.name, group=cfg.tracking.group,
+                    tags=cfg.tracking.tags or None,
                     config=to_dict(cfg), id=run_id, resume="allow", mode=cfg.tracking.wandb,
                     dir=str(Path(cfg.out_dir).resolve()),
                     settings=wandb.Settings(console="off"),

@@ -285,3 +285,65 @@ def test_submit_options_reach_the_job_script(tmp_path: Path) -> None:
     lines = sbatch_lines(SubmitOptions(tasks_per_node=2))  # a CPU job: no GPU line at all
     assert "#SBATCH --ntasks-per-node=2" in lines
     assert not any("gpu" in line for line in lines), lines
+
+
+def test_a_sweep_is_one_job_array_whose_preempted_point_is_requeued_and_all_finish(
+        cluster: dict[str, str], tiny_data: Path, tmp_path: Path) -> None:
+    import yaml
+
+    out, folder = tmp_path / "grid", tmp_path / "submitit"
+    proc = submit(folder, "--sweep", "train.lr=1e-3,2e-3", "--sweep", "model.dropout=0,0.1",
+                  "--max-parallel", "2", *train_args(tiny_data, out))
+    m = re.search(r"^submitted job array (\d+): 4 point\(s\) of world size 1, at most 2 at "
+                  r"once", proc.stdout, re.MULTILINE)
+    assert m, proc.stdout
+    array = m.group(1)
+    assert "#SBATCH --array=0-3%2" in (folder / f"{array}_submission.sh").read_text()
+    record = yaml.safe_load((out / "sweep.yaml").read_text())
+    names = [p["name"] for p in record["points"]]
+    assert names == ["train.lr=1e-3,model.dropout=0", "train.lr=1e-3,model.dropout=0.1",
+                     "train.lr=2e-3,model.dropout=0", "train.lr=2e-3,model.dropout=0.1"]
+    assert [p["job"] for p in record["points"]] == [f"{array}_{i}" for i in range(4)]
+
+    wait_for_metrics_step(out / names[0], 3)
+    subprocess.run(["scontrol", "requeue", f"{array}_0"], check=True)  # as preemption does
+    assert [wait_for_results(folder, f"{array}_{i}", 1) for i in range(4)] == [[0]] * 4
+
+    log = (folder / f"{array}_0_0_log.err").read_text()
+    stopped_at, final = steps_of(out / names[0])
+    assert 3 <= stopped_at < final == STEPS and f"(step {stopped_at})" in log
+    for name, (lr, dropout) in zip(names, [(1e-3, 0), (1e-3, 0.1), (2e-3, 0), (2e-3, 0.1)],
+                                   strict=True):
+        cfg = final_state(out / name)["config"]
+        assert steps_of(out / name)[-1] == STEPS
+        assert (cfg["train"]["lr"], cfg["model"]["dropout"]) == (lr, dropout)
+        assert (cfg["tracking"]["name"], cfg["tracking"]["group"]) == (name, "grid")
+    status = subprocess.run([sys.executable, "-m", "ddp_diffusion", "sweep-status", str(out)],
+                            capture_output=True, text=True, cwd=REPO, check=True).stdout
+    rows = status.splitlines()[2:]
+    assert [r.split()[0] for r in rows] == names
+    assert all(r.split()[1] == f"{STEPS}/{STEPS}" for r in rows), status
+    last_loss = json.loads((out / names[3] / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rows[3].split()[2] == f"{last_loss['loss']:.4f}"
+
+    # Other points in the same folder are refused before anything is submitted.
+    again = submit(folder, "--sweep", "train.lr=5e-3", *train_args(tiny_data, out), check=False)
+    assert again.returncode == 2
+    assert again.stderr.strip().splitlines()[-1].startswith(
+        f"error: {out / 'sweep.yaml'} records another sweep (4 points: ")
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--sweep", "train.lr"], "--sweep 'train.lr' must look like KEY=V1,V2,..."),
+    (["--sweep", "train.lr=1,", "train.max_steps=2"], "--sweep 'train.lr=1,' must look like"),
+    (["--sweep", "train.lr=1,1"], "--sweep 'train.lr=1,1' repeats a value"),
+    (["--sweep", "train.lr=1", "--sweep", "train.lr=2"], "--sweep train.lr is given twice"),
+    (["--sweep", "train.lrr=1,2"], "unknown config key 'train.lrr'; did you mean 'train.lr'?"),
+    (["--max-parallel", "2"], "--max-parallel limits a --sweep's points"),
+])
+def test_bad_sweeps_are_one_line_before_anything_is_submitted(tmp_path: Path, flags: list[str],
+                                                              message: str) -> None:
+    proc = submit(tmp_path / "s", *flags, f"out_dir={tmp_path / 'o'}", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "s").exists()
