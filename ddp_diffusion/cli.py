@@ -346,6 +346,12 @@ def registered_choices() -> str:
                      for key, table in tables)
 
 
+def _config_arguments(p: argparse.ArgumentParser) -> None:
+    """--config and the dotted overrides, as train reads them."""
+    p.add_argument("--config", help="YAML config (defaults when omitted)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ddp-diffusion",
@@ -358,8 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "what it does, what happens to it on resume).",
                        epilog=registered_choices(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML config (defaults when omitted)")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    _config_arguments(p)
     p.add_argument("--dry-run", action="store_true",
                    help="check everything train checks before it changes anything (under "
                         "torchrun too) and print what it would do: the config's changes, batch "
@@ -374,8 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "does and what happens to it on resume. --format yaml writes a complete, "
                     "commented config that train --config reads unchanged; markdown, the "
                     "README's table.")
-    p.add_argument("--config", help="YAML config (defaults when omitted)")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    _config_arguments(p)
     p.add_argument("--format", choices=("text", "yaml", "markdown"), default="text")
     p.set_defaults(func=_config)
 
@@ -484,8 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(fid.reference), features (fid.features, fid.inception_weights) and size "
                     "(model.image_size) from --config and overrides, e.g. "
                     "fid.features=inception fid.reference=test")
-    p.add_argument("--config", help="YAML config (defaults when omitted)")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    _config_arguments(p)
     p.add_argument("--out", required=True, help="the .npz to write")
     p.set_defaults(func=_fid_ref)
 
@@ -511,8 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Submit training to SLURM. Config and overrides as for `train`. With "
                     "--sweep KEY=V1,V2 (repeatable): one job array of every combination, point "
                     "P in OUT_DIR/P (named from its overrides), W&B group OUT_DIR's name.")
-    p.add_argument("--config", help="YAML config (defaults when omitted)")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    _config_arguments(p)
     submit_options.add_arguments(p)
     p.set_defaults(func=_submit)
 
