@@ -1,4 +1,5 @@
-"""The `ddp-diffusion` command: train, sample, fid, fid-ref, ema, submit."""
+"""The `ddp-diffusion` command: config, train, sample, fid, fid-ref, ema, export, submit,
+sweep-status."""
 
 from __future__ import annotations
 
@@ -76,8 +77,7 @@ def _check_flags(args: argparse.Namespace) -> None:
             check_at_least(f"--{flag.replace('_', '-')}", getattr(args, flag), low)
     if args.guidance is not None:
         check_finite("--guidance", args.guidance)
-    check(args.ema_weights is None or args.ema is not False,
-          "--ema-weights replaces the EMA weights; drop --no-ema (or --ema-weights)")
+    _check_ema_weights(args)
     check((args.run is None) != (args.weights is None),
           "give --run RUN (a run directory) or --weights model.safetensors (written by "
           "ddp-diffusion export), one of them")
@@ -89,6 +89,12 @@ def _check_flags(args: argparse.Namespace) -> None:
         check(not given, f"{given[0] if given else ''} chooses weights from a run directory; "
                          "a --weights file holds one set (export another with ddp-diffusion "
                          "export --no-ema or --ema-weights)")
+
+
+def _check_ema_weights(args: argparse.Namespace) -> None:
+    """--ema-weights stands in for the EMA weights, so --no-ema contradicts it."""
+    check(args.ema_weights is None or args.ema is not False,
+          "--ema-weights replaces the EMA weights; drop --no-ema (or --ema-weights)")
 
 
 def _overrides(args: argparse.Namespace, flags: tuple[str, ...]) -> dict[str, object]:
@@ -241,8 +247,7 @@ def _export_weights(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     check(out.suffix == ".safetensors", f"--out {out}: name a .safetensors file")
-    check(args.ema_weights is None or args.ema, "--ema-weights replaces the EMA weights; drop "
-                                                "--no-ema (or --ema-weights)")
+    _check_ema_weights(args)
     check_writable(out, "--out")
     import torch
 

@@ -88,18 +88,26 @@ def load_run(run_dir: Path, ckpt_path: Path | None, use_ema: bool | None, device
     checkpoint."""
     _, state = find_checkpoint(run_dir, ckpt_path)
     cfg = from_dict(state["config"])
-    diffusion = Diffusion(cfg.diffusion)
-    denoiser = build_denoiser(cfg.model, diffusion.num_timesteps)
     ema = cfg.sample.use_ema if use_ema is None else use_ema
+    names = tuple(state[checkpoint.Part.DATA].get("class_names", CLASS_NAMES))
     if ema_weights is not None:
         weights = _load_tensors(ema_weights, "--ema-weights", "write it with ddp-diffusion ema")
-        check_fits(weights, denoiser.state_dict(), f"--ema-weights {ema_weights}")
-        denoiser.load_state_dict(weights)
-    else:
-        denoiser.load_state_dict(state[checkpoint.Part.EMA] if ema
-                                 else state[checkpoint.Part.MODEL])
-    names = tuple(state[checkpoint.Part.DATA].get("class_names", CLASS_NAMES))
-    return Run(cfg, denoiser.to(device).eval(), diffusion, int(state["step"]), names)
+        return run_with(cfg, weights, int(state["step"]), names, device,
+                        f"--ema-weights {ema_weights}")
+    return run_with(cfg, state[checkpoint.Part.EMA] if ema else state[checkpoint.Part.MODEL],
+                    int(state["step"]), names, device)
+
+
+def run_with(cfg: Config, weights: dict[str, Any], step: int, names: tuple[str, ...],
+             device: torch.device, what: str | None = None) -> Run:
+    """A Run of cfg's network holding `weights`, on `device`; weights from outside a checkpoint
+    (`what` names where) are first checked against the model, shape for shape."""
+    diffusion = Diffusion(cfg.diffusion)
+    denoiser = build_denoiser(cfg.model, diffusion.num_timesteps)
+    if what is not None:
+        check_fits(weights, denoiser.state_dict(), what)
+    denoiser.load_state_dict(weights)
+    return Run(cfg, denoiser.to(device).eval(), diffusion, step, names)
 
 
 class Snapshot(NamedTuple):

@@ -13,9 +13,8 @@ import torch
 
 from ddp_diffusion import files
 from ddp_diffusion.config import Config, from_dict, to_dict
-from ddp_diffusion.diffusion import Diffusion, build_denoiser
 from ddp_diffusion.errors import UserError
-from ddp_diffusion.runs import Run, check_fits
+from ddp_diffusion.runs import Run, run_with
 
 FORMAT = "ddp-diffusion-weights/1"
 # Config keys that are paths on the machine that trained it: never written into a file that is
@@ -76,8 +75,4 @@ def read(path: Path, device: torch.device) -> Run:
         step = int(metadata["step"])
     except (KeyError, ValueError, UserError) as e:
         raise UserError(f"{what}: its metadata is damaged ({e}); export it again") from None
-    diffusion = Diffusion(cfg.diffusion)
-    denoiser = build_denoiser(cfg.model, diffusion.num_timesteps)
-    check_fits(tensors, denoiser.state_dict(), what)
-    denoiser.load_state_dict(tensors)
-    return Run(cfg, denoiser.to(device).eval(), diffusion, step, names)
+    return run_with(cfg, tensors, step, names, device, what)
