@@ -66,8 +66,10 @@ def _load_tensors(path: Path, what: str, fix: str, mmap: bool = False) -> dict[s
     return state
 
 
-def check_fits(weights: dict[str, Any], model: dict[str, torch.Tensor], what: str) -> None:
-    """Raise a one-line UserError unless `weights` has the model's tensors, shape for shape."""
+def check_fits(weights: dict[str, Any], model: dict[str, torch.Tensor], what: str, fix: str
+               ) -> None:
+    """Raise a one-line UserError (`what` says whose model, `fix` how to mend it) unless
+    `weights` has the model's tensors, shape for shape."""
     missing = sorted(model.keys() - weights.keys())
     extra = sorted(weights.keys() - model.keys())
     wrong = [k for k in model if k in weights and (
@@ -77,8 +79,7 @@ def check_fits(weights: dict[str, Any], model: dict[str, torch.Tensor], what: st
                   else f"it has {extra[0]}, which the model has not ({len(extra)} such)" if extra
                   else f"{wrong[0]} is {tuple(getattr(weights[wrong[0]], 'shape', ()))} there, "
                        f"{tuple(model[wrong[0]].shape)} in the model ({len(wrong)} such)")
-        raise UserError(f"{what} does not fit this run's model: {detail}; write it from this "
-                        "run with ddp-diffusion ema --run RUN")
+        raise UserError(f"{what}: {detail}; {fix}")
 
 
 def load_run(run_dir: Path, ckpt_path: Path | None, use_ema: bool | None, device: torch.device,
@@ -93,19 +94,21 @@ def load_run(run_dir: Path, ckpt_path: Path | None, use_ema: bool | None, device
     if ema_weights is not None:
         weights = _load_tensors(ema_weights, "--ema-weights", "write it with ddp-diffusion ema")
         return run_with(cfg, weights, int(state["step"]), names, device,
-                        f"--ema-weights {ema_weights}")
+                        f"--ema-weights {ema_weights} does not fit this run's model",
+                        "write it from this run with ddp-diffusion ema --run RUN")
     return run_with(cfg, state[checkpoint.Part.EMA] if ema else state[checkpoint.Part.MODEL],
                     int(state["step"]), names, device)
 
 
 def run_with(cfg: Config, weights: dict[str, Any], step: int, names: tuple[str, ...],
-             device: torch.device, what: str | None = None) -> Run:
+             device: torch.device, what: str | None = None, fix: str = "") -> Run:
     """A Run of cfg's network holding `weights`, on `device`; weights from outside a checkpoint
-    (`what` names where) are first checked against the model, shape for shape."""
+    (`what` names where, `fix` says how to mend a misfit) are first checked against the model,
+    shape for shape."""
     diffusion = Diffusion(cfg.diffusion)
     denoiser = build_denoiser(cfg.model, diffusion.num_timesteps)
     if what is not None:
-        check_fits(weights, denoiser.state_dict(), what)
+        check_fits(weights, denoiser.state_dict(), what, fix)
     denoiser.load_state_dict(weights)
     return Run(cfg, denoiser.to(device).eval(), diffusion, step, names)
 

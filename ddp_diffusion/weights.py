@@ -75,4 +75,5 @@ def read(path: Path, device: torch.device) -> Run:
         step = int(metadata["step"])
     except (KeyError, ValueError, UserError) as e:
         raise UserError(f"{what}: its metadata is damaged ({e}); export it again") from None
-    return run_with(cfg, tensors, step, names, device, what)
+    return run_with(cfg, tensors, step, names, device,
+                    f"{what} does not fit the model its metadata describes", "export it again")

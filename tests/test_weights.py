@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY, final_state, run_cli
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ddp_diffusion.checkpoint import Part
@@ -78,8 +79,6 @@ def test_raw_and_post_hoc_weights_export_as_what_sample_would_use(run: Path,
 
 def test_the_metadata_has_the_settings_and_no_local_path(run: Path, tiny_data: Path,
                                                          tmp_path: Path) -> None:
-    from safetensors import safe_open
-
     model = tmp_path / "model.safetensors"
     export(run, model)
     with safe_open(str(model), framework="pt") as f:
@@ -121,4 +120,13 @@ def test_bad_weights_and_flags_are_one_line(run: Path, tmp_path: Path) -> None:
     save_file(load_file(model), foreign)  # the same tensors, without our metadata
     one_line(run_cli("sample", "--weights", str(foreign), *g, check=False),
              f"--weights {foreign} holds no ddp-diffusion metadata")
+    with safe_open(str(model), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(model)
+    gone = sorted(tensors)[0]
+    del tensors[gone]
+    save_file(tensors, tmp_path / "torn.safetensors", metadata)  # our metadata, a tensor short
+    one_line(run_cli("sample", "--weights", str(tmp_path / "torn.safetensors"), *g, check=False),
+             f"--weights {tmp_path / 'torn.safetensors'} does not fit the model its metadata "
+             f"describes: it lacks {gone} (1 missing); export it again")
     assert not (tmp_path / "g.png").exists()
