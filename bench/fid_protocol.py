@@ -153,14 +153,10 @@ def stability(args: argparse.Namespace, cfg: Config, fc: FidConfig, device: torc
     for seed in about["seeds"]:
         samples = SampleSet(max(args.counts), fc.batch_size, tuple(range(cfg.model.num_classes)),
                             fc.sampler, fc.steps, fc.guidance, cfg.sample.eta, seed, precision)
-        t0, parts = time.perf_counter(), []
-        with torch.no_grad(), fid.captured_features(extractor) as features:
-            for chunk in range(samples.num_chunks):
-                _, pixels = samples.pixels(run.denoiser, run.diffusion, chunk,
-                                           cfg.model.image_size, cfg.model.in_channels)
-                extractor(pixels)
-                parts.append(features.pop())
-        generated = torch.cat(parts)
+        t0 = time.perf_counter()
+        generated = torch.cat([features for *_, features in fid.generated_features(
+            run.denoiser, run.diffusion, cfg, samples, range(samples.num_chunks), extractor,
+            extractor)])
         for n in args.counts:
             rows.append({"seed": seed, "num_samples": n,
                          "fid": prefix_fid(metric, generated[:n]),

@@ -28,7 +28,7 @@ import io
 import logging
 import pickle
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -256,6 +256,21 @@ def captured_features(extractor: nn.Module) -> Iterator[list[Tensor]]:
         hook.remove()
 
 
+def generated_features(denoiser: ConditionalDenoiser, diffusion: Diffusion, cfg: Config,
+                       samples: SampleSet, chunks: Iterable[int], extractor: nn.Module,
+                       update: Callable[[Tensor], object]
+                       ) -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:
+    """Each chunk of `samples` generated, then scored by `update` (the metric's update, or the
+    extractor alone): the chunk's index, labels, pixels and the features `update` computed."""
+    with captured_features(extractor) as features:
+        for chunk in chunks:
+            labels, pixels = samples.pixels(denoiser, diffusion, chunk, cfg.model.image_size,
+                                            cfg.model.in_channels)
+            with torch.no_grad():
+                update(pixels)
+            yield chunk, labels, pixels, features.pop()
+
+
 def kid_and_precision_recall(generated: Tensor, real: Tensor, seed: int) -> dict[str, float]:
     """KID (the mean of torch-fidelity's unbiased MMD^2 over 100 subsets of up to 1000, with
     the standard deviation over subsets) and precision and recall (Kynkäänniemi et al. 2019,
@@ -426,14 +441,12 @@ def evaluate(denoiser: ConditionalDenoiser, diffusion: Diffusion, cfg: Config, f
     chunks: dict[int, tuple[str, Tensor]] = {}  # digest of the pixels, features
     samples = SampleSet(fc.num_samples, fc.batch_size, tuple(range(cfg.model.num_classes)),
                         fc.sampler, fc.steps, fc.guidance, cfg.sample.eta, seed, precision)
-    for chunk in range(rank, samples.num_chunks, world):
-        labels, pixels = samples.pixels(denoiser, diffusion, chunk, cfg.model.image_size,
-                                        cfg.model.in_channels)
-        with torch.no_grad(), captured_features(extractor) as features:
-            metric.update(pixels, real=False)
-            chunks[chunk] = (hashlib.sha256(pixels.cpu().numpy().tobytes()).hexdigest(),
-                             features[0])
-            if classifier is not None:
+    for chunk, labels, pixels, features in generated_features(
+            denoiser, diffusion, cfg, samples, range(rank, samples.num_chunks, world), extractor,
+            lambda p: metric.update(p, real=False)):
+        chunks[chunk] = (hashlib.sha256(pixels.cpu().numpy().tobytes()).hexdigest(), features)
+        if classifier is not None:
+            with torch.no_grad():
                 counts += torch.stack([(classifier(pixels).argmax(1) == labels).sum().double(),
                                        torch.tensor(len(labels), dtype=torch.float64,
                                                     device=device)])
