@@ -208,6 +208,29 @@ def test_fid_protocol_scores_reconstructed_lengths_and_prefixes_as_the_fid_comma
     assert stab["about"]["floors"]["40"] == pytest.approx(floor, rel=1e-12)
 
 
+def test_export_memory_reads_the_exports_memory_beside_its_chunks_and_checks_the_npz(
+        tmp_path: Path) -> None:
+    """bench/export_memory.py --quick: for each count, the process's memory while its chunks were
+    written and after, the peak, and the .npz read back in the ADM layout."""
+    proc = subprocess.run([sys.executable, "bench/export_memory.py", "--quick", "--work",
+                           str(tmp_path / "work"), "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=REPO, env=cli_env(2), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "export_memory.json").read_text())
+    assert [r["num_samples"] for r in result["rows"]] == [300, 1200]
+    for r in result["rows"]:
+        n = r["num_samples"]
+        assert r["npz"] == {"arr_0": [[n, 32, 32, 3], "uint8"], "arr_1": [[n], "int64"]}
+        assert r["chunks"] == n // 20 and r["chunks_seen"] <= r["chunks"]
+        assert r["hold_mib"] == n * 32 * 32 * 3 / 2**20
+        # RSS read while the chunks were written never exceeds the kernel's own peak
+        assert all(0 < lo <= hi <= r["peak_rss_mib"] + 1
+                   for lo, hi in r["rss_min_max_by_tenth_mib"])
+    assert result["rows"][1]["chunks_seen"] > 0 and result["rows"][1]["rss_min_max_by_tenth_mib"]
+    assert not list((tmp_path / "work").glob("samples-*"))  # each export removed after reading
+    assert "| 1,200 | 4 |" in (tmp_path / "export_memory.md").read_text()
+
+
 @pytest.mark.slow
 def test_chaos_kills_of_every_kind_end_bitwise_equal_to_a_straight_run(tmp_path: Path) -> None:
     """bench/chaos.py with one kill of each kind (rank or whole job, SIGKILL or SIGTERM), aimed
