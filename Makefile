@@ -6,9 +6,12 @@
 demo: setup
 	bash scripts/demo.sh $(DEMO_ARGS)
 
+# Two workers, a test file each (--dist loadfile): a file's module fixtures (a trained run, the
+# SLURM cluster) are built once, and most tests leave a core idle (one-rank runs, waits for a
+# signal or a SLURM job), so two files at a time take about half as long on two cores.
 test: setup-test
 	.venv/bin/ruff check .
-	.venv/bin/pytest -q
+	.venv/bin/pytest -q -n 2 --dist loadfile
 
 setup:
 	bash scripts/setup.sh
