@@ -423,8 +423,9 @@ def fid(check: Check) -> dict[str, Any]:
                                          f"out_dir={run_dir}", f"data.root={check.data_root}"], 1)
     sampling = (["--num-samples", "20", "--batch-size", "10", "--sampler", "ddim", "--steps", "5"]
                 if check.smoke else ["--num-samples", "2000", "--batch-size", "1000"])
+    # fid reads the real images from its --data-root only (never the checkpoint's paths)
     score = [sys.executable, "-m", "ddp_diffusion", "fid", "--run", str(run_dir), "--features",
-             "fashion", *sampling, "--out", str(out_json)]
+             "fashion", "--data-root", str(check.data_root), *sampling, "--out", str(out_json)]
     logs = check.out / "fid"
     runs = run_chains(check, [[(train, logs / "train.log"), (score, logs / "fid.log")]])[0]
     result = json.loads(out_json.read_text()) if out_json.is_file() else None

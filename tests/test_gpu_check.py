@@ -75,6 +75,7 @@ def test_smoke_run_measures_every_section(tiny_data: Path, tmp_path: Path) -> No
 
     fid = sections["fid"]["result"]
     assert fid["step"] == 5 and fid["num_samples"] == 20 and fid["features"] == "fashion"
+    assert fid["reference_samples"] == 160  # the --data-root given: tiny_data's train split
     assert math.isfinite(fid["fid"]) and fid["fid"] > 0 and 0 <= fid["class_accuracy"] <= 1
 
     page = (out / "summary.md").read_text()
