@@ -103,8 +103,8 @@ def load_run(run_dir: Path, ckpt_path: Path | None, use_ema: bool | None, device
 def run_with(cfg: Config, weights: dict[str, Any], step: int, names: tuple[str, ...],
              device: torch.device, what: str | None = None, fix: str = "") -> Run:
     """A Run of cfg's network holding `weights`, on `device`; weights from outside a checkpoint
-    (`what` names where, `fix` says how to mend a misfit) are first checked against the model,
-    shape for shape."""
+    are first checked against the model, shape for shape (a misfit is one line: `what` did not
+    fit, then the details, then `fix`)."""
     diffusion = Diffusion(cfg.diffusion)
     denoiser = build_denoiser(cfg.model, diffusion.num_timesteps)
     if what is not None:
