@@ -8,7 +8,7 @@ demo: setup
 
 # Two workers, a test file each (--dist loadfile): a file's module fixtures (a trained run, the
 # SLURM cluster) are built once, and most tests leave a core idle (one-rank runs, waits for a
-# signal or a SLURM job). On 2 cores: 35 min, against 50 min on one worker.
+# signal or a SLURM job). On 2 cores: 30 to 35 min, against 50 min on one worker.
 test: setup-test
 	.venv/bin/ruff check .
 	.venv/bin/pytest -q -n 2 --dist loadfile
