@@ -88,14 +88,6 @@ def watch(cmd: list[str], parts: Path, log: Path) -> tuple[list[tuple[float, flo
     return readings, usage.ru_maxrss / 1024, time.perf_counter() - t0
 
 
-def slope(points: list[tuple[float, float]]) -> float:
-    """Least-squares slope of y against x."""
-    xs, ys = zip(*points, strict=True)
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    return (sum((x - mx) * (y - my) for x, y in points)
-            / sum((x - mx) ** 2 for x in xs))
-
-
 def measure(run: Path, work: Path, n: int, image_size: int, batch: int) -> dict[str, Any]:
     """Export `n` images of `run` to an .npz and measure the process's memory while it does."""
     npz = work / f"samples-{n}.npz"
@@ -112,25 +104,30 @@ def measure(run: Path, work: Path, n: int, image_size: int, batch: int) -> dict[
     streaming = [rss for _, rss, _ in readings[done:]]  # then the chunks are removed
     # The least and most resident memory in each tenth of the chunks: a sawtooth (each chunk's
     # forward allocates and frees) that would rise with the images written if they were kept.
-    tenths = [[f(r for c, r in writing if c * 10 // chunks == k) for f in (min, max)]
-              for k in range(10) if any(c * 10 // chunks == k for c, _ in writing)]
-    with np.load(npz, mmap_mode="r") as f:
+    by_tenth: dict[int, list[float]] = {}
+    for c, rss in writing:
+        by_tenth.setdefault(c * 10 // chunks, []).append(rss)
+    tenths = [[min(v), max(v)] for _, v in sorted(by_tenth.items())]
+    written = [c * batch for c, _ in writing]
+    with np.load(npz) as f:  # an .npz is read whole (mmap_mode does not apply): not measured
         arr_0, arr_1 = f["arr_0"], f["arr_1"]
         layout = {"arr_0": [list(arr_0.shape), str(arr_0.dtype)],
                   "arr_1": [list(arr_1.shape), str(arr_1.dtype)]}
     npz.unlink()
-    hold = n * image_size * image_size * 3 / MIB
+    image_mib = image_size * image_size * 3 / MIB
     return {
         "num_samples": n, "chunks": chunks, "chunks_seen": max(c for _, _, c in readings),
-        "readings": len(readings), "seconds": seconds, "hold_mib": hold,
+        "readings": len(readings), "seconds": seconds, "hold_mib": n * image_mib,
         "peak_rss_mib": peak, "rss_min_max_by_tenth_mib": tenths,
         "rss_max_streaming_mib": max(streaming) if streaming else None,
-        "slope_mib_per_10k": (slope([(c * batch, r) for c, r in writing]) * 1e4
-                              if len(writing) > 2 else None),
-        "hold_mib_per_10k": 1e4 * image_size * image_size * 3 / MIB, "npz": layout}
+        # least squares; it needs readings at two chunk counts at least
+        "slope_mib_per_10k": (statistics.linear_regression(
+            written, [rss for _, rss in writing]).slope * 1e4 if len(set(written)) > 1 else None),
+        "hold_mib_per_10k": 1e4 * image_mib, "npz": layout}
 
 
 def fmt(x: float | None) -> str:
+    """A number of MiB or seconds for the table ('-' if not measured)."""
     return "-" if x is None else f"{x:.0f}"
 
 
